@@ -1,0 +1,165 @@
+"""Frozen DINOv2 encoder (timm): middle-layer tokens for the experts, last-block CLS for the router.
+
+Weights come from, in order: a local file (``weights: PATH``, .pth/.pt/.bin/.safetensors, timm or
+original DINOv2 key names), or the timm/Hugging Face cache or hub (``pretrained: true``). With neither
+reachable the run stops with :class:`EncoderWeightsError` saying how to supply the file. A random encoder
+is only used when the config says ``pretrained: false`` and then a loud warning is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import NamedTuple
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class EncoderWeightsError(RuntimeError):
+    """The encoder weights could not be found or do not fit the configured encoder."""
+
+
+class EncoderOutput(NamedTuple):
+    layers: list[torch.Tensor]  # per selected block: (B, P + h*w, D) residual stream, no final norm
+    cls: torch.Tensor  # (B, D) CLS token of the last block, before the final norm
+    num_prefix: int  # P: CLS + register tokens at the front of each layer
+    grid: tuple[int, int]  # (h, w) patch grid
+
+
+def how_to_supply_weights(name: str) -> str:
+    return (
+        f"Encoder weights for '{name}' are not available offline.\n"
+        "Supply them in one of these ways:\n"
+        f"  1. Download once on a machine with internet: python -c \"import timm; timm.create_model('{name}', "
+        "pretrained=True)\" and copy the Hugging Face cache (~/.cache/huggingface) to this machine, or\n"
+        "  2. download the original DINOv2 checkpoint (e.g. dinov2_vitb14_reg4_pretrain.pth from "
+        "https://github.com/facebookresearch/dinov2) or a timm .safetensors file and pass "
+        "--model.config.weights /path/to/file, or\n"
+        "  3. for a smoke run only, set --model.config.pretrained false (random encoder: results are meaningless)."
+    )
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """Load a weights file safely (safetensors, or torch.load with weights_only=True)."""
+    if not os.path.isfile(path):
+        raise EncoderWeightsError(f"Encoder weights file '{path}' does not exist. Check --model.config.weights.")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle refused by weights_only, or not a torch file
+        raise EncoderWeightsError(
+            f"'{path}' is not a loadable weights file ({type(e).__name__}: {e}). "
+            "Use a .pth/.safetensors state dict of a DINOv2 ViT."
+        ) from e
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise EncoderWeightsError(f"'{path}' holds a {type(sd).__name__}, not a state dict.")
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
+
+
+class FrozenEncoder(nn.Module):
+    """DINOv2 ViT from timm, frozen: ``requires_grad=False``, always ``eval()``, forward under ``no_grad``.
+
+    Args:
+        name: timm model name (``vit_base_patch14_reg4_dinov2.lvd142m`` in the paper setting).
+        layers: 0-based blocks whose outputs feed the experts (blocks 2..9 of ViT-B in the paper).
+        img_size: input side (392 in the paper: a 28×28 token grid with patch 14).
+        pretrained: load weights (from ``weights`` if given, else timm's cache/hub).
+        weights: local weights file; timm or original DINOv2 key names.
+        arch: overrides for timm's constructor (``embed_dim``, ``depth``, ``num_heads``, ``patch_size``…)
+            used by tiny test/demo encoders.
+    """
+
+    def __init__(
+        self,
+        name: str = "vit_base_patch14_reg4_dinov2.lvd142m",
+        layers: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9),
+        img_size: int = 392,
+        pretrained: bool = True,
+        weights: str | None = None,
+        arch: dict | None = None,
+    ):
+        super().__init__()
+        self.name, self.pretrained, self.weights = name, pretrained, weights
+        self.vit = timm.create_model(name, pretrained=False, img_size=img_size, num_classes=0, **(arch or {}))
+        depth = len(self.vit.blocks)
+        if any(i < 0 or i >= depth for i in layers):
+            raise ValueError(f"encoder layers {list(layers)} out of range for a {depth}-block '{name}'.")
+        self.layers = tuple(layers)
+        self.last = depth - 1
+        self.dim = self.vit.embed_dim
+        self.num_prefix = self.vit.num_prefix_tokens
+        self.grid = tuple(self.vit.patch_embed.grid_size)
+        self.weights_loaded = False
+        self.requires_grad_(False)
+        self.eval()
+
+    def load_weights(self) -> None:
+        """Load the configured weights, or stop with a message saying how to supply them."""
+        if self.weights_loaded:
+            return
+        if self.weights:
+            sd = load_state_dict_file(self.weights)
+            self._load_checked(sd, self.weights)
+        elif self.pretrained:
+            try:
+                ref = timm.create_model(self.name, pretrained=True, num_classes=0)
+            except Exception as e:
+                raise EncoderWeightsError(f"{how_to_supply_weights(self.name)}\n(timm said: {type(e).__name__}: {e})") from e
+            self._load_checked(ref.state_dict(), f"timm:{self.name}")
+        else:
+            log.warning(
+                "!!! RANDOM ENCODER: '%s' runs with random weights (pretrained: false). Fine for tests and the "
+                "offline synthetic demo; results are NOT comparable to the paper. !!!",
+                self.name,
+            )
+        self.weights_loaded = True
+
+    def _load_checked(self, sd: dict[str, torch.Tensor], source: str) -> None:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        try:
+            sd = checkpoint_filter_fn(dict(sd), self.vit)  # original DINOv2 names -> timm; pos-embed resample
+        except Exception as e:
+            raise EncoderWeightsError(f"{source}: cannot convert weights for '{self.name}' ({e}).") from e
+        own = self.vit.state_dict()
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        missing = sorted(set(own) - set(sd))
+        bad_shape = sorted(k for k in sd if k in own and sd[k].shape != own[k].shape)
+        if missing or bad_shape:
+            detail = [f"missing keys: {missing[:5]}{'…' if len(missing) > 5 else ''}"] if missing else []
+            detail += [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in bad_shape[:5]]
+            raise EncoderWeightsError(
+                f"{source} does not fit encoder '{self.name}' (wrong model?):\n  " + "\n  ".join(detail)
+                + "\nUse weights of the configured architecture, or change --model.config.encoder."
+            )
+        self.vit.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)
+        log.info("encoder weights loaded from %s", source)
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        return super().train(False)  # frozen: stays in eval mode whatever the caller asks
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        """x: (B, 3, H, W) ImageNet-normalised -> selected block outputs and the last block's CLS."""
+        wanted = sorted(set(self.layers) | {self.last})
+        outs = self.vit.forward_intermediates(
+            x, indices=wanted, norm=False, output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True
+        )
+        by_block = {i: torch.cat([prefix, tokens], dim=1) for i, (tokens, prefix) in zip(wanted, outs)}
+        h, w = x.shape[-2] // self.vit.patch_embed.patch_size[0], x.shape[-1] // self.vit.patch_embed.patch_size[1]
+        return EncoderOutput(
+            layers=[by_block[i] for i in self.layers],  # each (B, P + h*w, D)
+            cls=by_block[self.last][:, 0],
+            num_prefix=self.num_prefix,
+            grid=(h, w),
+        )

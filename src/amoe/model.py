@@ -1,0 +1,286 @@
+"""AnomalyMoE (Gu et al., AAAI 2026) in plain PyTorch.
+
+Frozen DINOv2 encoder -> router (top-K over all experts) -> three groups of experts that reconstruct
+the encoder's features at three semantic levels:
+  patch      (N_p) noisy bottleneck + linear-attention decoder    -> pixel map S_p    (Eq. 5–6)
+  component  (N_c) MLP autoencoders over k-means part vectors     -> part map S_c     (Eq. 7)
+  global     (N_g) convolutional AE (+ student) from the image    -> global map S_g   (Eq. 8)
+Training loss: Σ_{j∈topK} G_j L_rec^(j) + λ_ESB L_ESB + λ_EIR L_EIR (Eq. 9).
+
+Dimension legend: B batch, D encoder width, P prefix tokens (CLS + registers), h×w token grid,
+N = N_p + N_c + N_g experts, K router top-k, C component centres per class, G = 3 expert groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from amoe.club import EIR, representation
+from amoe.component_bank import ComponentBank, masked_average_pool
+from amoe.component_experts import ComponentExpert
+from amoe.encoder import FrozenEncoder
+from amoe.global_experts import GlobalExpert
+from amoe.losses import ESBTerms, component_loss, cosine_distance, esb_loss, global_loss, patch_loss
+from amoe.patch_experts import PatchExpert
+from amoe.router import Router, RouterOutput
+from amoe.scoring import Scorer
+
+GROUPS = ("patch", "component", "global")
+
+
+@dataclass
+class AnomalyMoEConfig:
+    """Every model hyper-parameter, with the paper's values as defaults."""
+
+    # encoder
+    encoder: str = "vit_base_patch14_reg4_dinov2.lvd142m"
+    pretrained: bool = True
+    weights: str | None = None
+    encoder_arch: dict | None = None  # timm overrides for tiny encoders (embed_dim, depth, num_heads, patch_size)
+    img_size: int = 392
+    layers: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
+    fuse_groups: list[list[int]] = field(default_factory=lambda: [[0, 1, 2, 3], [4, 5, 6, 7]])
+    # router
+    num_patch_experts: int = 6
+    num_component_experts: int = 6
+    num_global_experts: int = 6
+    top_k: int = 3
+    router_hidden: int = 256
+    # patch experts
+    decoder_depth: int = 8
+    decoder_heads: int = 12
+    bottleneck_dropout: float = 0.2
+    feature_noise: float = 0.0
+    hard_mining_p: float = 0.9
+    hard_mining_factor: float = 0.1
+    # component experts
+    num_components: int = 8
+    component_hidden: int = 256
+    component_bottleneck: int = 64
+    # global experts
+    global_expert: str = "ae_student"
+    global_width: int = 128
+    global_code: int = 128
+    student_channels: list[int] = field(default_factory=lambda: [256, 512])
+    ae_jitter: float = 0.2
+    # losses
+    group_scales: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.1])  # patch, component, global
+    use_esb: bool = True
+    lambda_esb: float = 0.01
+    capacity_factor: float = 1.25
+    lambda_importance: float = 1.0
+    lambda_load: float = 1.0
+    lambda_z: float = 1.0
+    use_eir: bool = True
+    lambda_eir: float = 1e-4
+    # scoring
+    eval_size: int = 256
+    blur_sigma: float = 4.0
+    blur_kernel: int = 5
+    top_ratio: float = 0.01
+    map_norm: str = "train_quantile"  # train_quantile | test_minmax (the reference's transductive norm) | none
+    norm_quantiles: list[float] = field(default_factory=lambda: [0.001, 0.999])
+    image_threshold_quantile: float = 0.99
+    pixel_threshold_quantile: float = 0.999
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_patch_experts + self.num_component_experts + self.num_global_experts
+
+    def validate(self) -> None:
+        n = self.num_experts
+        if n == 0 or not 1 <= self.top_k <= n:
+            raise ValueError(f"top_k={self.top_k} must be in [1, {n}] (the total number of experts).")
+        flat = sorted(i for g in self.fuse_groups for i in g)
+        if flat and (flat[0] < 0 or flat[-1] >= min(len(self.layers), self.decoder_depth)):
+            raise ValueError(
+                f"fuse_groups {self.fuse_groups} index {len(self.layers)} encoder layers and "
+                f"{self.decoder_depth} decoder blocks; indices must be below both."
+            )
+        if self.map_norm not in ("train_quantile", "test_minmax", "none"):
+            raise ValueError(f"map_norm must be train_quantile, test_minmax or none, got '{self.map_norm}'.")
+        if len(self.group_scales) != 3:
+            raise ValueError("group_scales needs three values: patch, component, global.")
+
+
+class ModelOutput(NamedTuple):
+    router: RouterOutput
+    expert_losses: torch.Tensor  # (B, N) per-sample reconstruction loss of each expert (0 where not run)
+    group_maps: torch.Tensor  # (B, G, h, w) gate-weighted mean map of each group's selected experts
+    group_mass: torch.Tensor  # (B, G) gate mass of each group (sums to 1 over groups)
+    reps: list[torch.Tensor] | None  # per group (E_g, B, D) LayerNorm'd expert representations (training)
+
+
+class Losses(NamedTuple):
+    total: torch.Tensor
+    reconstruction: torch.Tensor
+    esb: ESBTerms
+    eir: torch.Tensor
+    per_group: torch.Tensor  # (G,) gate-weighted reconstruction loss of each group, batch mean
+
+
+def color_jitter(image: torch.Tensor, strength: float) -> torch.Tensor:
+    """One of brightness / contrast / saturation (±strength) per sample, on an ImageNet-normalised batch."""
+    mean = torch.tensor([0.485, 0.456, 0.406], device=image.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=image.device).view(1, 3, 1, 1)
+    x = image * std + mean  # (B, 3, H, W) in [0, 1]
+    b = x.shape[0]
+    factor = 1 + (torch.rand(b, 1, 1, 1, device=x.device) * 2 - 1) * strength
+    kind = torch.randint(0, 3, (b, 1, 1, 1), device=x.device)
+    gray = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # (B, 1, H, W)
+    brightness = x * factor
+    contrast = (x - gray.mean((2, 3), keepdim=True)) * factor + gray.mean((2, 3), keepdim=True)
+    saturation = (x - gray) * factor + gray
+    x = torch.where(kind == 0, brightness, torch.where(kind == 1, contrast, saturation)).clamp(0, 1)
+    return (x - mean) / std
+
+
+def init_linear(module: nn.Module) -> None:
+    """Reference init: Linear weights ~ truncated normal (std 0.01, ±0.03), biases 0; LayerNorm 1/0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.01, a=-0.03, b=0.03)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class AnomalyMoE(nn.Module):
+    def __init__(self, config: AnomalyMoEConfig | None = None):
+        super().__init__()
+        cfg = self.config = config or AnomalyMoEConfig()
+        cfg.validate()
+        self.encoder = FrozenEncoder(cfg.encoder, tuple(cfg.layers), cfg.img_size, cfg.pretrained, cfg.weights, cfg.encoder_arch)
+        dim, grid = self.encoder.dim, self.encoder.grid
+        patch = self.encoder.vit.patch_embed.patch_size[0]
+        self.router = Router(dim, cfg.router_hidden, cfg.num_experts, cfg.top_k)
+        self.patch_experts = nn.ModuleList(
+            PatchExpert(dim, cfg.decoder_depth, cfg.decoder_heads, cfg.fuse_groups, cfg.bottleneck_dropout, cfg.feature_noise)
+            for _ in range(cfg.num_patch_experts)
+        )
+        self.component_bank = ComponentBank(cfg.num_components, dim)
+        self.component_experts = nn.ModuleList(
+            ComponentExpert(dim, cfg.component_hidden, cfg.component_bottleneck) for _ in range(cfg.num_component_experts)
+        )
+        self.global_experts = nn.ModuleList(
+            GlobalExpert(dim, grid, patch, cfg.global_expert, cfg.global_width, cfg.global_code, tuple(cfg.student_channels))
+            for _ in range(cfg.num_global_experts)
+        )
+        self.eir = EIR(dim)
+        self.scorer = Scorer(
+            len(GROUPS), cfg.eval_size, cfg.blur_sigma, cfg.blur_kernel, cfg.top_ratio, tuple(cfg.norm_quantiles),
+            cfg.image_threshold_quantile, cfg.pixel_threshold_quantile,
+        )
+        for m in (self.router, self.patch_experts, self.component_experts):
+            init_linear(m)
+        n_p, n_c = cfg.num_patch_experts, cfg.num_component_experts
+        self.group_slices = [slice(0, n_p), slice(n_p, n_p + n_c), slice(n_p + n_c, cfg.num_experts)]
+
+    @torch.no_grad()
+    def patch_embeddings(self, image: torch.Tensor) -> torch.Tensor:
+        """F̄: mean of the selected encoder layers' patch tokens, (B, 3, H, W) -> (B, h*w, D)."""
+        enc = self.encoder(image)
+        return torch.stack(enc.layers).mean(0)[:, enc.num_prefix :]
+
+    def forward(
+        self, image: torch.Tensor, classes: list[str], sparse: bool = False, route: torch.Tensor | None = None
+    ) -> ModelOutput:
+        """image: (B, 3, H, W) ImageNet-normalised; classes: B class names (for the component bank).
+
+        ``sparse``: run each expert only on the samples that selected it (inference); otherwise all
+        experts see the whole batch (training). ``route``: optional forced (B, K) expert choice.
+        """
+        cfg = self.config
+        enc = self.encoder(image)
+        b, (h, w), p = image.shape[0], enc.grid, enc.num_prefix
+        fused = torch.stack(enc.layers).mean(0)  # (B, P + h*w, D): bottleneck input
+        target = fused[:, p:]  # F̄ (B, h*w, D)
+        enc_groups = [torch.stack([enc.layers[i] for i in g]).mean(0)[:, p:] for g in cfg.fuse_groups]
+        router = self.router(enc.cls, force=route)
+
+        ae_image, ae_target = image, target
+        if self.training and cfg.ae_jitter > 0 and len(self.global_experts):
+            ae_image = color_jitter(image, cfg.ae_jitter)
+            ae_target = self.patch_embeddings(ae_image)
+        ae_target = rearrange(ae_target, "b (h w) d -> b d h w", h=h, w=w)
+
+        if len(self.component_experts):
+            assign = self.component_bank.assign(target, classes)  # (B, h*w) in [0, C)
+            parts, present = masked_average_pool(target, assign, cfg.num_components)  # (B, C, D), (B, C)
+
+        losses = image.new_zeros(b, cfg.num_experts)
+        maps = image.new_zeros(b, cfg.num_experts, h * w)
+        reps: list[list[torch.Tensor]] = [[], [], []]
+        experts = [*self.patch_experts, *self.component_experts, *self.global_experts]
+        for i, expert in enumerate(experts):
+            group = next(g for g, s in enumerate(self.group_slices) if s.start <= i < s.stop)
+            if sparse:
+                idx = (router.weights[:, i] > 0).nonzero().flatten()
+                if idx.numel() == 0:
+                    continue
+            else:
+                idx = slice(None)
+            if group == 0:  # patch expert: pointwise cosine distance per fusion group (Eq. 6)
+                dec = expert(fused[idx])
+                enc_g = [e[idx] for e in enc_groups]
+                loss = patch_loss(enc_g, [d[:, p:] for d in dec], cfg.hard_mining_p, cfg.hard_mining_factor)
+                amap = torch.stack([cosine_distance(e, d[:, p:]) for e, d in zip(enc_g, dec)]).mean(0)  # (b, h*w)
+                rep = dec[-1][:, p:].mean(1)
+            elif group == 1:  # component expert: part vectors (Eq. 7)
+                rec = expert(parts[idx])  # (b, C, D)
+                loss = component_loss(rec, parts[idx], present[idx])
+                amap = cosine_distance(rec, parts[idx]).gather(1, assign[idx])  # part score painted on its patches
+                rep = (rec * present[idx, :, None]).sum(1) / present[idx].sum(1, keepdim=True).clamp(min=1)
+            else:  # global expert: feature map from the image (Eq. 8)
+                out = expert(ae_image[idx])
+                loss = global_loss(out.ae, ae_target[idx], out.student)
+                ref = out.student if out.student is not None else ae_target[idx]
+                amap = rearrange((out.ae - ref).pow(2).mean(1), "b h w -> b (h w)")
+                rep = (out.student if out.student is not None else out.ae).mean((2, 3))
+            losses[idx, i] = loss.to(losses.dtype)
+            maps[idx, i] = amap.to(maps.dtype)
+            if self.training:
+                reps[group].append(representation(rep))
+
+        weights = router.weights.to(maps.dtype)
+        mass = torch.stack([weights[:, s].sum(1) for s in self.group_slices], dim=1)  # (B, G)
+        group_maps = torch.stack(
+            [(weights[:, s, None] * maps[:, s]).sum(1) / mass[:, g, None].clamp_min(1e-12) for g, s in enumerate(self.group_slices)],
+            dim=1,
+        )  # (B, G, h*w)
+        return ModelOutput(
+            router=router,
+            expert_losses=losses,
+            group_maps=rearrange(group_maps, "b g (h w) -> b g h w", h=h, w=w),
+            group_mass=mass,
+            reps=[torch.stack(r) for r in reps if r] if self.training else None,
+        )
+
+    def loss(self, out: ModelOutput) -> Losses:
+        """Eq. 9: Σ_{j∈topK} G_j · s_group(j) · L_rec^(j) per sample, batch mean, + λ_ESB L_ESB + λ_EIR L_EIR."""
+        cfg = self.config
+        weights = out.router.weights
+        scales = torch.cat([torch.full((s.stop - s.start,), c) for s, c in zip(self.group_slices, cfg.group_scales)])
+        weighted = weights * out.expert_losses * scales.to(weights)  # (B, N)
+        per_group = torch.stack([weighted[:, s].sum(1).mean() for s in self.group_slices])
+        rec = weighted.sum(1).mean()
+        esb = esb_loss(out.router.logits, out.router.topk, cfg.capacity_factor, cfg.lambda_importance, cfg.lambda_load, cfg.lambda_z)
+        eir = self.eir(out.reps) if (cfg.use_eir and out.reps) else rec.new_zeros(())
+        total = rec + (cfg.lambda_esb * esb.total if cfg.use_esb else 0.0) + cfg.lambda_eir * eir
+        return Losses(total, rec, esb, eir, per_group)
+
+    def score(self, out: ModelOutput):
+        """Final anomaly map (B, S, S) and image score (B,) from the group maps (SPEC §2.10)."""
+        return self.scorer(out.group_maps, out.group_mass)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Everything the main optimiser updates (not the encoder, not the CLUB estimators)."""
+        mods = [self.router, self.patch_experts, self.component_experts, self.global_experts]
+        return [p for m in mods for p in m.parameters()]

@@ -1,0 +1,1 @@
+"""Tiny encoder and model fixtures."""
