@@ -148,7 +148,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
                 return _to_uint8_rgb(np.asarray(im, dtype=np.uint16 if "16" in im.mode else np.int32), path)
             if im.mode == "F":
                 return _to_uint8_rgb(np.asarray(im, dtype=np.float32), path)
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
