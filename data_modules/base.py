@@ -8,7 +8,7 @@ Sample schema (every module, every split)::
     image        float32 (3, S, S)   ImageNet-normalised, resize R -> centre-crop S (448 -> 392 by default)
     mask         float32 (1, S, S)   {0, 1}, nearest-resized; all zero for normal images
     label        int                 0 normal, 1 anomalous
-    dataset      str                 e.g. "mvtec_ad"
+    dataset      str                 e.g. "mvtec_ad" (per record in the unified module: its ``extra["dataset"]``)
     cls          str                 class name, e.g. "bottle" ("mvtec_ad/bottle" in the unified module)
     defect_type  str                 "good" for normal images
     path         str                 the image file
@@ -298,14 +298,16 @@ class AnomalyDataModule(L.LightningDataModule):
     """Base of every data module: splits -> loaders.
 
     Subclasses implement :meth:`train_records` and :meth:`test_records` (optionally
-    :meth:`validation_records`, :meth:`check_root`, :attr:`dataset_class` or :meth:`_dataset`). A fraction of ``train/good``
-    (``calib_fraction``, seeded) is held out: it is never trained on and is used to compute
-    map-normalisation statistics and thresholds on normal data only.
+    :meth:`validation_records`, :meth:`check_root`, :attr:`dataset_class` or :meth:`_dataset`). A fraction
+    of ``train/good`` (``calib_fraction``, seeded) is held out: it is never trained on and is used to
+    compute map-normalisation statistics and thresholds on normal data only.
 
     Layout problems found while listing (an anomalous image without mask, a mask without image, an empty
     class folder) go through :meth:`problem`: it raises :class:`DataError` by default; with
     ``skip_bad_files`` (or ``collect_problems``, the inspection mode) it records the message, the caller
-    skips the file, and :meth:`setup` logs the list and the count.
+    skips the file, and :meth:`setup` logs the list and the count. Unreadable files (zero-byte, truncated,
+    not an image) raise when loaded, naming the file; with ``skip_bad_files`` every file is decoded once
+    in :meth:`setup` and the unreadable ones are dropped and logged the same way.
     """
 
     name: str = "dataset"

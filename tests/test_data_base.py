@@ -168,6 +168,7 @@ def test_read_rgb_gray_16bit_rgba_palette(tmp_path):
     assert (tif == gray[..., None]).all()
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF")
 def test_read_rgb_names_the_bad_file(tmp_path):
     for name, data in (("empty.png", b""), ("fake.jpg", b"not a jpeg"), ("fake.tif", b"II*\x00broken")):
         with pytest.raises(DataError, match=name):
