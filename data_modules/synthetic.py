@@ -99,9 +99,10 @@ def render(assembly: Assembly, size: int, rng: np.random.Generator, anomaly: str
     rows = len(assembly.slots)
     cols = max(len(r) for r in assembly.slots)
     noise = rng.normal(0, 6, (size, size, 1)) + rng.normal(0, 3, (size, size, 3))
-    img = np.clip(np.array(assembly.background, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+    background = np.array(assembly.background, dtype=np.float64) + rng.normal(0, 12, 3)  # lighting / board tint
+    img = np.clip(background + noise, 0, 255).astype(np.uint8)
     mask = np.zeros((size, size), np.uint8)
-    r = assembly.radius * size * rng.uniform(0.92, 1.08)
+    r = assembly.radius * size * rng.uniform(0.85, 1.15)
 
     slots = [(i, j, p) for i, row in enumerate(assembly.slots) for j, p in enumerate(row)]
     centres = {}
@@ -144,6 +145,7 @@ def render(assembly: Assembly, size: int, rng: np.random.Generator, anomaly: str
     for key, part in placed.items():
         _draw_part(img, None, part, *centres[key], r, rng.uniform(-0.15, 0.15))
 
+    img = np.clip(img.astype(np.float64) * rng.uniform(0.85, 1.15), 0, 255).astype(np.uint8)  # exposure
     if anomaly == "structural":
         kind = ("scratch", "hole", "stain")[rng.integers(3)]
         cx, cy = rng.uniform(0.2, 0.8, 2) * size

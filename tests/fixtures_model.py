@@ -11,7 +11,7 @@ def tiny_config(**overrides) -> AnomalyMoEConfig:
     kw = dict(
         encoder="vit_small_patch14_reg4_dinov2",
         pretrained=False,
-        encoder_arch={"embed_dim": 32, "depth": 4, "num_heads": 2},
+        encoder_arch={"embed_dim": 32, "depth": 4, "num_heads": 2, "init_values": 1.0},
         img_size=56,
         layers=[0, 1, 2, 3],
         fuse_groups=[[0, 1], [2, 3]],

@@ -2,7 +2,14 @@ import math
 
 import torch
 
-from amoe.losses import component_loss, cosine_distance, esb_loss, global_loss, patch_loss, scale_easy_gradient
+from amoe.losses import (
+    component_loss,
+    cosine_distance,
+    esb_loss,
+    global_loss,
+    patch_loss,
+    scale_easy_gradient,
+)
 
 
 def test_hard_mining_scales_easy_gradients_only():

@@ -1,0 +1,220 @@
+"""LightningModule: wires AnomalyMoE to optimisation, calibration, logging and evaluation."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from optimi import StableAdamW
+from tqdm.auto import tqdm
+
+from amoe.evaluation import TestCollector
+from amoe.model import GROUPS, AnomalyMoE, AnomalyMoEConfig
+
+log = logging.getLogger(__name__)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class AnomalyMoEModule(L.LightningModule):
+    """AnomalyMoE training and evaluation.
+
+    Args:
+        config: the model (``AnomalyMoEConfig``; YAML ``model.config``).
+        lr, weight_decay, betas: StableAdamW (torch-optimi) settings.
+        warmup_steps, min_lr_ratio: linear warm-up, then cosine to ``lr * min_lr_ratio`` at ``trainer.max_steps``.
+        grad_clip: global gradient-norm clip of the main step (and of the CLUB step).
+        club_lr: Adam learning rate of the EIR (CLUB) estimators.
+        bank_patches_per_class: patches sampled per class for the component k-means.
+        sparse_inference: run only each sample's top-K experts at test/predict time.
+        results_root: test outputs go to ``results_root/<dataset>/<run>``.
+        run_name: name of the results run (default: a timestamp).
+        num_figure_images: images per class in the overlay and expert-map figures.
+    """
+
+    def __init__(
+        self,
+        config: AnomalyMoEConfig | None = None,
+        lr: float = 5e-4,
+        weight_decay: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.01,
+        grad_clip: float = 0.1,
+        club_lr: float = 5e-4,
+        bank_patches_per_class: int = 100_000,
+        sparse_inference: bool = True,
+        results_root: str = "results",
+        run_name: str | None = None,
+        num_figure_images: int = 2,
+    ):
+        super().__init__()
+        config = config or AnomalyMoEConfig()
+        if isinstance(config, dict):
+            config = AnomalyMoEConfig(**config)
+        self.save_hyperparameters()
+        if not isinstance(self.hparams.get("config"), dict):
+            self.hparams["config"] = asdict(config)
+        self.automatic_optimization = False
+        self.model = AnomalyMoE(config)
+        self.config = config
+        self.collector: TestCollector | None = None
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # A checkpoint (resume, test, predict) brings the encoder weights with it; otherwise load them now,
+        # after the data module has checked its root (so a missing dataset is reported first).
+        if self.trainer.ckpt_path is None:
+            self.model.encoder.load_weights()
+
+    def on_fit_start(self) -> None:
+        if self.config.num_component_experts and not self.model.component_bank.is_built:
+            self.build_component_bank()
+
+    @torch.no_grad()
+    def build_component_bank(self) -> None:
+        """k-means (faiss) per class on patch embeddings of the normal training images (SPEC §2.5)."""
+        dm = self.trainer.datamodule
+        feats: dict[str, list[torch.Tensor]] = {}
+        counts: dict[str, int] = {}
+        gen = torch.Generator().manual_seed(0)
+        for batch in tqdm(dm.bank_dataloader(), desc="component bank", disable=not self.trainer.is_global_zero):
+            emb = self.model.patch_embeddings(batch["image"].to(self.device)).float().cpu()  # (B, h*w, D)
+            for cls, e in zip(batch["cls"], emb):
+                if counts.get(cls, 0) >= self.hparams.bank_patches_per_class:
+                    continue
+                feats.setdefault(cls, []).append(e)
+                counts[cls] = counts.get(cls, 0) + len(e)
+        pooled = {}
+        for cls, chunks in feats.items():
+            x = torch.cat(chunks)
+            if len(x) > self.hparams.bank_patches_per_class:
+                x = x[torch.randperm(len(x), generator=gen)[: self.hparams.bank_patches_per_class]]
+            pooled[cls] = x
+        self.model.component_bank.build(pooled, seed=0)
+        self.model.component_bank.to(self.device)
+
+    def configure_optimizers(self):
+        opt = StableAdamW(
+            self.model.trainable_parameters(),
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+            weight_decay=self.hparams.weight_decay,
+            triton=False if not torch.cuda.is_available() else None,
+        )
+        club = torch.optim.Adam(self.model.eir.parameters(), lr=self.hparams.club_lr, weight_decay=1e-4)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
+        )
+        return [opt, club], [{"scheduler": sched, "interval": "step"}]
+
+    # --- training -------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        opt, club_opt = self.optimizers()
+        sched = self.lr_schedulers()
+        image = batch["image"]
+        if not torch.isfinite(image).all():
+            raise FloatingPointError(
+                f"step {self.global_step}: the input batch holds NaN/Inf values (files: {batch['path']}). "
+                "Training stopped before any update; no checkpoint of this step was written."
+            )
+        out = self.model(image, batch["cls"])
+        losses = self.model.loss(out)
+        if not torch.isfinite(losses.total):
+            raise FloatingPointError(
+                f"step {self.global_step}: the loss is {losses.total.item()} (reconstruction "
+                f"{losses.reconstruction.item():.4g}, ESB {losses.esb.total.item():.4g}, EIR {losses.eir.item():.4g}). "
+                "Training stopped before the update; no checkpoint of this step was written. "
+                "Lower the learning rate, check the inputs, or use precision 32."
+            )
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(losses.total)
+        self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+
+        if self.config.use_eir and out.reps:
+            club_opt.zero_grad(set_to_none=True)
+            club_loss = self.model.eir.estimator_loss(out.reps)
+            self.manual_backward(club_loss)
+            self.clip_gradients(club_opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            club_opt.optimizer.step()  # the raw optimizer: trainer.global_step counts main-optimizer steps only
+            self.log("train/club_nll", club_loss.detach())
+
+        bs = image.shape[0]
+        self.log("train/loss", losses.total.detach(), prog_bar=True, batch_size=bs)
+        self.log("train/reconstruction", losses.reconstruction.detach(), batch_size=bs)
+        for name, value in zip(GROUPS, losses.per_group.detach()):
+            self.log(f"train/loss_{name}", value, batch_size=bs)
+        for name, value in zip(("importance", "load", "z", "total"), losses.esb):
+            self.log(f"train/esb_{name}", value.detach(), batch_size=bs)
+        self.log("train/eir", losses.eir.detach(), batch_size=bs)
+        for name, value in zip(GROUPS, out.group_mass.detach().mean(0)):
+            self.log(f"gates/{name}", value, batch_size=bs)
+        self.log("train/lr", sched.get_last_lr()[0], batch_size=bs)
+        return losses.total.detach()
+
+    def on_train_epoch_end(self) -> None:
+        # Map-normalisation statistics and thresholds from held-out normal images; done every epoch
+        # so that every checkpoint (including the last) carries statistics of its own weights.
+        self.calibrate()
+
+    @torch.no_grad()
+    def calibrate(self) -> None:
+        dm = self.trainer.datamodule
+        was_training = self.model.training
+        self.model.eval()
+        maps, mass = [], []
+        for batch in dm.calib_dataloader():
+            out = self.model(batch["image"].to(self.device), batch["cls"], sparse=self.hparams.sparse_inference)
+            maps.append(out.group_maps.float().cpu())
+            mass.append(out.group_mass.float().cpu())
+        if maps:
+            self.model.scorer.calibrate(torch.cat(maps), torch.cat(mass))
+            sc = self.model.scorer
+            self.log_dict({"calib/image_threshold": sc.image_threshold.item(), "calib/pixel_threshold": sc.pixel_threshold.item()})
+        self.model.train(was_training)
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def on_test_start(self) -> None:
+        dm = self.trainer.datamodule
+        if not bool(self.model.scorer.calibrated) and self.config.map_norm == "train_quantile":
+            log.warning("this model has no normalisation statistics (calibration never ran); calibrating now.")
+            self.calibrate()
+        self.collector = TestCollector(
+            dataset=getattr(dm, "name", "dataset"),
+            model=self.model,
+            map_norm=self.config.map_norm,
+            results_root=self.hparams.results_root,
+            run_name=self.hparams.run_name,
+            num_figure_images=self.hparams.num_figure_images,
+            is_global_zero=self.trainer.is_global_zero,
+        )
+
+    @torch.no_grad()
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self.model(batch["image"], batch["cls"], sparse=self.hparams.sparse_inference)
+        masks = F.interpolate(batch["mask"].float(), size=(self.config.eval_size,) * 2, mode="nearest")[:, 0] > 0.5
+        self.collector.add(batch, out, masks)
+
+    def on_test_epoch_end(self) -> None:
+        result = self.collector.finish(self.trainer)
+        if result is not None:
+            for cls, metrics in result["per_class"].items():
+                for k, v in metrics.items():
+                    self.log(f"test/{cls}/{k}", float(v), sync_dist=False, rank_zero_only=True)
+            for k, v in result["mean"].items():
+                self.log(f"test/mean/{k}", float(v), sync_dist=False, rank_zero_only=True)
+

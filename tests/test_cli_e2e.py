@@ -1,0 +1,49 @@
+import json
+import math
+import os
+
+import pytest
+
+from amoe.cli import main
+
+
+def _run(tmp_path, *args):
+    return main([*args, "--config", "experiments/smoke.yaml", "--trainer.default_root_dir", str(tmp_path / "runs"),
+                 "--model.results_root", str(tmp_path / "results")])
+
+
+def test_fit_then_test_writes_finite_metrics(tmp_path):
+    assert _run(tmp_path, "fit") == 0
+    ckpt = tmp_path / "runs" / "latest" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    assert _run(tmp_path, "test", "--ckpt_path", "last") == 0
+    run = tmp_path / "results" / "synthetic" / "latest"
+    result = json.loads((run / "metrics.json").read_text())
+    assert result["dataset"] == "synthetic" and set(result["per_class"]) == {"breakfast", "pushpins"}
+    for key in ("image_auroc", "pixel_auroc", "image_auroc_structural", "image_auroc_component", "image_auroc_logical"):
+        assert key in result["mean"] and math.isfinite(result["mean"][key]), key
+    for name in ("metrics.csv", "table.md", "scores.csv", "router_gates.png", "expert_maps.png"):
+        assert (run / name).is_file(), name
+    assert len(os.listdir(run / "overlays")) > 0
+    # a second test run never overwrites the first
+    assert _run(tmp_path, "test", "--ckpt_path", "last") == 0
+    assert len([d for d in os.listdir(tmp_path / "results" / "synthetic") if d != "latest"]) == 2
+
+
+def test_missing_dataset_fails_fast_with_the_download_page(tmp_path, capsys):
+    code = main(["fit", "--config", "experiments/paper.yaml", "--config", "experiments/visa.yaml",
+                 "--data.root", str(tmp_path / "nope"), "--trainer.default_root_dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and "VisA" in err and ("amazon-visual-anomaly" in err or "spot-diff" in err)
+
+
+def test_ckpt_path_last_without_a_run_is_explained(tmp_path, capsys):
+    assert _run(tmp_path, "test", "--ckpt_path", "last") == 2
+    assert "Train first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sub", ["fit", "test"])
+def test_help_works(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([sub, "--help"])
+    assert e.value.code == 0
