@@ -13,6 +13,7 @@ Sample schema (every module, every split)::
     defect_type  str                 "good" for normal images
     path         str                 the image file
     extra        dict                what a metric needs at full resolution (LOCO region masks, Ped2 clip/frame)
+                                     and ``sample_id`` (the index in its split)
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ class AnomalyDataset(Dataset):
             "cls": rec.cls,
             "defect_type": rec.defect_type,
             "path": rec.path,
-            "extra": dict(rec.extra, orig_size=tuple(rgb.shape[:2])),
+            "extra": dict(rec.extra, orig_size=tuple(rgb.shape[:2]), sample_id=i),  # index: DDP de-duplication
         }
 
     def drop_bad_files(self) -> list[str]:
