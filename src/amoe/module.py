@@ -163,6 +163,10 @@ class AnomalyMoEModule(L.LightningModule):
         self.log("train/eir", losses.eir.detach(), batch_size=bs)
         for name, value in zip(GROUPS, out.group_mass.detach().mean(0)):
             self.log(f"gates/{name}", value, batch_size=bs)
+        expert_means = out.router.weights.detach().mean(0)
+        for name, sl in zip(GROUPS, self.model.group_slices):  # per-expert gate means: gates/patch_1, …
+            for j in range(sl.start, sl.stop):
+                self.log(f"gates/{name}_{j - sl.start + 1}", expert_means[j], batch_size=bs)
         self.log("train/lr", sched.get_last_lr()[0], batch_size=bs)
         return losses.total.detach()
 
@@ -193,6 +197,13 @@ class AnomalyMoEModule(L.LightningModule):
         if not bool(self.model.scorer.calibrated) and self.config.map_norm == "train_quantile":
             log.warning("this model has no normalisation statistics (calibration never ran); calibrating now.")
             self.calibrate()
+        shard_dir = None
+        if self.trainer.world_size > 1:  # DDP: exact metrics from every rank's shards (see amoe.evaluation)
+            import tempfile
+
+            base = self.trainer.default_root_dir  # must be shared by all ranks (multi-node: a shared file system)
+            mine = tempfile.mkdtemp(prefix="eval_shards_", dir=base) if self.trainer.is_global_zero else None
+            shard_dir = self.trainer.strategy.broadcast(mine, src=0)
         self.collector = TestCollector(
             dataset=getattr(dm, "name", "dataset"),
             model=self.model,
@@ -201,6 +212,9 @@ class AnomalyMoEModule(L.LightningModule):
             run_name=self.hparams.run_name,
             num_figure_images=self.hparams.num_figure_images,
             is_global_zero=self.trainer.is_global_zero,
+            rank=self.trainer.global_rank,
+            world_size=self.trainer.world_size,
+            shard_dir=shard_dir,
         )
 
     @torch.no_grad()

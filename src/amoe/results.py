@@ -87,11 +87,21 @@ def write_scores(run_dir: str, rows: list[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
-def write_results(run_dir: str, result: dict, rows: list, gates: dict, figures: dict) -> None:
+def write_results(
+    run_dir: str,
+    result: dict,
+    rows: list,
+    gates: dict,
+    figures: dict,
+    expert_gates: dict | None = None,
+    group_sizes: list[int] | None = None,
+) -> None:
+    """Every file of a test run. ``gates``: class -> mean gate mass per group; ``expert_gates``: class ->
+    mean gate value per expert (``group_sizes`` experts per group, in patch/component/global order)."""
     from amoe import viz
 
     write_metrics(run_dir, result)
     write_scores(run_dir, rows)
     viz.save_overlays(os.path.join(run_dir, "overlays"), figures["overlays"])
-    viz.save_router_gates(os.path.join(run_dir, "router_gates.png"), gates)
+    viz.save_router_gates(os.path.join(run_dir, "router_gates.png"), gates, expert_gates, group_sizes)
     viz.save_expert_maps(os.path.join(run_dir, "expert_maps.png"), figures["expert_maps"])
