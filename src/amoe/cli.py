@@ -39,11 +39,35 @@ def resolve_last(base: str) -> str:
     return os.path.realpath(path)
 
 
+def wandb_credentials() -> bool:
+    """Whether W&B can log in without asking: WANDB_API_KEY, or a key stored by ``wandb login`` (~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def wandb_wanted(mode: str) -> str | None:
-    """W&B mode from --wandb: 'auto' is online with WANDB_API_KEY set, else off. Never prompts."""
+    """The W&B mode for --wandb; never one that prompts.
+
+    auto: online with credentials (WANDB_API_KEY or ``wandb login``), otherwise offline (``wandb sync`` the
+    run directory later); off when WANDB_MODE=disabled. online without credentials falls back to offline
+    with a warning. disabled: no W&B logger. The CSV logger is always on.
+    """
+    env = os.environ.get("WANDB_MODE", "").lower()
+    if mode == "disabled" or (mode == "auto" and env == "disabled"):
+        return None
     if mode == "auto":
-        return "online" if os.environ.get("WANDB_API_KEY") else None
-    return None if mode == "disabled" else mode
+        return "offline" if env in ("offline", "dryrun") or not wandb_credentials() else "online"
+    if mode == "online" and not wandb_credentials():
+        log.warning("--wandb online: no W&B credentials (WANDB_API_KEY or `wandb login`); logging offline instead.")
+        return "offline"
+    return mode
 
 
 class AmoeCLI(LightningCLI):
@@ -62,7 +86,8 @@ class AmoeCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_epochs": 1})
         parser.add_argument(
             "--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
-            help="W&B logging: auto = online when WANDB_API_KEY is set, otherwise off (CSV logs are always written).",
+            help="W&B logging: auto = online with W&B credentials, otherwise offline (off with WANDB_MODE=disabled); "
+            "online without credentials falls back to offline; never prompts. CSV logs are always written.",
         )
         parser.add_argument("--wandb_project", default="amoe", help="W&B project name.")
         parser.add_argument("--wandb_group", default=None, help="W&B group (e.g. one ablation set).")
@@ -110,7 +135,7 @@ class AmoeCLI(LightningCLI):
                 loggers.append(
                     WandbLogger(
                         project=cfg.wandb_project, group=cfg.wandb_group, save_dir=self.run_dir,
-                        offline=mode == "offline", name=os.path.basename(self.run_dir),
+                        offline=mode == "offline", name=os.path.basename(self.run_dir), job_type=self.subcommand,
                     )
                 )
             kwargs["logger"] = loggers
@@ -136,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         from amoe.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if cmd == "reproduce":
+        from amoe.reproduce import main as reproduce_main
+
+        return reproduce_main(argv[1:])
+    if cmd == "ablations":
+        from amoe.ablations import main as ablations_main
+
+        return ablations_main(argv[1:])
     try:
         AmoeCLI(args=argv)
     except (DataError, EncoderWeightsError, UsageError) as e:
