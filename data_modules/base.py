@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +281,27 @@ def _fit_mask(mask: np.ndarray, shape: tuple[int, int], p: str) -> np.ndarray:
     return (F.interpolate(t, size=shape, mode="nearest")[0, 0] > 0.5).numpy()
 
 
+class EpochRandomSampler(RandomSampler):
+    """A shuffle whose order is a function of ``(seed, epoch)`` only, not of what ran before.
+
+    Lightning calls :meth:`set_epoch` before every training epoch, so a run resumed from a checkpoint
+    sees exactly the epoch orders of an uninterrupted run. Under DDP Lightning replaces a RandomSampler
+    by its DistributedSampler, which is seeded by (``seed_everything`` seed, epoch) the same way.
+    """
+
+    def __init__(self, data_source, seed: int = 0):
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
+        yield from torch.randperm(len(self.data_source), generator=g).tolist()
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack tensors and ints; keep strings and the per-sample ``extra`` dicts as lists."""
     out: dict[str, Any] = {}
@@ -462,17 +483,18 @@ class AnomalyDataModule(L.LightningDataModule):
         return sorted({r.cls for r in self.split("train").records})
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        g = torch.Generator()
-        g.manual_seed(self.seed)
+        # Shuffled order = f(seed, epoch) (EpochRandomSampler), so a resumed run sees the same order as an
+        # uninterrupted one. The loader's own generator (worker base seeds) keeps creating an iterator from
+        # drawing on the global torch RNG, whose state checkpoints carry for dropout and jitter.
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochRandomSampler(ds, self.seed) if shuffle else None,
             drop_last=drop_last and len(ds) > batch_size,
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=False,
-            generator=g if shuffle else None,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -3,6 +3,16 @@
 Each ``fit`` gets its own run directory ``<trainer.default_root_dir>/<timestamp>`` (checkpoints, CSV
 logs, the resolved config) and ``<trainer.default_root_dir>/latest`` points at the newest; ``--ckpt_path
 last`` resolves to ``latest/checkpoints/last.ckpt`` (resume for fit; the trained model for test/predict).
+
+Checkpoints load with ``weights_only=True`` (:mod:`amoe.checkpoint`). With ``--ckpt_path`` the model
+settings come from the checkpoint (LightningCLI's behaviour); an architecture setting given explicitly
+on the command line that differs from the checkpoint is refused, other explicit ``--model.*`` settings
+(results_root, eval_size, map_norm, …) are kept.
+
+``amoe predict --ckpt_path X --data.path DIR`` scores any folder of images whatever data module the
+config names: the data becomes ``data_modules.folder.Folder(path=DIR)`` with the batch/worker settings of
+the configured module and the image geometry the checkpoint was trained with; results are written by
+:class:`amoe.predict.PredictionWriter` to ``<model.results_root>/predict/<run>``.
 """
 
 from __future__ import annotations
@@ -12,11 +22,22 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
+from amoe.checkpoint import (
+    AMOE_KEY,
+    ARCH_KEYS,
+    CheckpointError,
+    SettingsError,
+    config_mismatches,
+    safe_load,
+    saved_config,
+)
 from amoe.encoder import EncoderWeightsError
 from amoe.module import AnomalyMoEModule
 from amoe.results import make_run_dir
@@ -30,13 +51,20 @@ class UsageError(RuntimeError):
 
 
 def resolve_last(base: str) -> str:
-    path = os.path.join(base, "latest", "checkpoints", "last.ckpt")
-    if not os.path.isfile(path):
-        raise UsageError(
-            f"--ckpt_path last: no checkpoint at '{path}'. Train first (amoe fit … with trainer.default_root_dir "
-            f"'{base}'), or pass the checkpoint file's path."
-        )
-    return os.path.realpath(path)
+    """``latest/checkpoints/last.ckpt`` (a link to the newest epoch checkpoint); if a kill hit the moment
+    the link is replaced, the newest ``*.ckpt`` of the folder."""
+    folder = os.path.join(base, "latest", "checkpoints")
+    path = os.path.join(folder, "last.ckpt")
+    if os.path.isfile(path):
+        return os.path.realpath(path)
+    found = sorted((p for p in Path(folder).glob("*.ckpt") if p.is_file()), key=lambda p: p.stat().st_mtime)
+    if found:
+        log.warning("--ckpt_path last: '%s' is missing; using the newest checkpoint '%s'.", path, found[-1])
+        return os.path.realpath(found[-1])
+    raise UsageError(
+        f"--ckpt_path last: no checkpoint at '{path}'. Train first (amoe fit … with trainer.default_root_dir "
+        f"'{base}'), or pass the checkpoint file's path."
+    )
 
 
 def wandb_credentials() -> bool:
@@ -70,8 +98,42 @@ def wandb_wanted(mode: str) -> str | None:
     return mode
 
 
+def explicit_keys(args: list[str], prefix: str) -> set[str]:
+    """Dotted keys given on the command line under ``prefix`` (``--model.config.top_k 2`` -> ``config.top_k``)."""
+    keys = set()
+    for a in args:
+        if a.startswith(f"--{prefix}.") and len(a) > len(prefix) + 3:
+            keys.add(a[len(prefix) + 3 :].split("=", 1)[0])
+    return keys
+
+
+def pop_option(args: list[str], name: str) -> tuple[list[str], str | None]:
+    """Remove ``--name VALUE`` / ``--name=VALUE`` from args; return (rest, last value or None)."""
+    rest, value, i = [], None, 0
+    while i < len(args):
+        a = args[i]
+        if a == name and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+            continue
+        if a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return rest, value
+
+
+PREDICT_DATA_KEYS = ("image_size", "crop_size", "batch_size", "eval_batch_size", "num_workers", "skip_bad_files")
+
+
 class AmoeCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
+        args = list(sys.argv[1:] if args is None else args)
+        self.predict_path = None
+        if args and args[0] == "predict":
+            args, self.predict_path = pop_option(args, "--data.path")  # any config's data: see predict_data()
+        self.cli_args = args
+        self.ckpt_meta: dict = {}
         super().__init__(
             AnomalyMoEModule,
             AnomalyDataModule,
@@ -83,7 +145,13 @@ class AmoeCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0, "checkpoint.every_n_epochs": 1})
+        # Every epoch: write epoch=E-step=S.ckpt (atomically; the previous one is removed after) and point
+        # last.ckpt at it (replaced on resume, not versioned). With save_top_k 0, Lightning >= 2.6 writes
+        # last.ckpt only when training ends. The checkpoint a run resumed from is kept.
+        parser.set_defaults({
+            "checkpoint.save_last": "link", "checkpoint.save_top_k": 1, "checkpoint.every_n_epochs": 1,
+            "checkpoint.enable_version_counter": False,
+        })
         parser.add_argument(
             "--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
             help="W&B logging: auto = online with W&B credentials, otherwise offline (off with WANDB_MODE=disabled); "
@@ -91,6 +159,15 @@ class AmoeCLI(LightningCLI):
         )
         parser.add_argument("--wandb_project", default="amoe", help="W&B project name.")
         parser.add_argument("--wandb_group", default=None, help="W&B group (e.g. one ablation set).")
+        parser.add_argument(
+            "--threshold", type=float | None, default=None,
+            help="predict only: image-score threshold for 'anomalous' (default: the checkpoint's, calibrated on "
+            "held-out normal training images).",
+        )
+        parser.add_argument(
+            "--pixel_threshold", type=float | None, default=None,
+            help="predict only: map threshold of the binary masks (default: the checkpoint's calibrated one).",
+        )
 
     def check_data_first(self, cfg) -> None:
         """Check the dataset root before building the (large) model, so a missing dataset fails fast."""
@@ -102,8 +179,64 @@ class AmoeCLI(LightningCLI):
         init = data.get("init_args")
         klass(**(init.as_dict() if init is not None else {})).check_root()
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's: the model settings come from the checkpoint, but the file is loaded safely
+        (weights_only, clear errors), an explicit command-line architecture setting that contradicts the
+        checkpoint is refused, and explicit non-architecture ``--model.*`` settings are kept."""
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        ckpt = safe_load(ckpt_path)
+        source = f"checkpoint '{ckpt_path}'"
+        saved = saved_config(ckpt, source)
+        self.ckpt_meta = ckpt.get(AMOE_KEY) or {}
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        del ckpt
+        hparams.pop("_instantiator", None)
+        explicit = explicit_keys(self.cli_args, "model")
+        current = self.config[sub].model.config
+        current = current.as_dict() if isinstance(current, Namespace) else dict(current or {})
+        diffs = config_mismatches(saved, current)
+        refused = [d for d in diffs if f"config.{d[0]}" in explicit]
+        if refused:
+            lines = "\n".join(f"  --model.config.{k} {b!r}: the checkpoint has {a!r}" for k, a, b in refused)
+            raise CheckpointError(
+                f"{source} was trained with other model settings than given on the command line:\n{lines}\n"
+                "A trained model's architecture cannot be changed: drop these options, or train a new model."
+            )
+        if diffs:
+            log.warning(
+                "%s: using the checkpoint's model settings instead of the config's: %s", source,
+                ", ".join(f"{k}={a!r} (config: {b!r})" for k, a, b in diffs),
+            )
+        hparams["config"] = {k: v for k, v in saved.items() if k in ARCH_KEYS or f"config.{k}" not in explicit}
+        for key in list(hparams):
+            if key != "config" and key in explicit:
+                hparams.pop(key)
+        try:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
+
+    def predict_data(self, cfg) -> None:
+        """``--data.path DIR``: predict on a folder, whatever data module the config names."""
+        init = cfg.data.get("init_args") if cfg.get("data") is not None else None
+        init = init.as_dict() if isinstance(init, Namespace) else dict(init or {})
+        kw = {k: init[k] for k in PREDICT_DATA_KEYS if k in init}
+        explicit = explicit_keys(self.cli_args, "data")
+        for k, v in (self.ckpt_meta.get("data") or {}).items():  # the geometry the model was trained with
+            if k not in explicit:
+                kw[k] = v
+        cfg.data = Namespace(class_path="data_modules.folder.Folder", init_args=Namespace(path=self.predict_path, **kw))
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
+        if self.subcommand != "predict" and (cfg.get("threshold") is not None or cfg.get("pixel_threshold") is not None):
+            raise UsageError("--threshold and --pixel_threshold apply to `amoe predict` only.")
         self.check_data_first(cfg)
         base = cfg.trainer.default_root_dir or os.path.join("runs", "default")
         ckpt = cfg.get("ckpt_path")
@@ -123,6 +256,11 @@ class AmoeCLI(LightningCLI):
         cfg.trainer.default_root_dir = run_dir
         cfg.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
         self.run_dir = run_dir
+        if self.subcommand == "predict":
+            if not ckpt:
+                raise UsageError("amoe predict needs a trained model: pass --ckpt_path PATH (or --ckpt_path last).")
+            if self.predict_path is not None:
+                self.predict_data(cfg)
 
     def instantiate_trainer(self, **kwargs):
         cfg = self.config[self.subcommand]
@@ -139,7 +277,23 @@ class AmoeCLI(LightningCLI):
                     )
                 )
             kwargs["logger"] = loggers
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "predict":
+            from amoe.predict import PredictionWriter
+
+            hp = self.model.hparams
+            trainer.callbacks.append(
+                PredictionWriter(hp.results_root, hp.run_name, cfg.threshold, cfg.pixel_threshold, cfg.ckpt_path)
+            )
+        return trainer
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("weights_only", False) is None:
+            kwargs["weights_only"] = True  # checkpoints hold tensors and plain values only (amoe.checkpoint)
+        if subcommand == "predict" and kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False  # the writer streams results to disk; keep nothing in memory
+        return kwargs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,9 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         return ablations_main(argv[1:])
     try:
         AmoeCLI(args=argv)
-    except (DataError, EncoderWeightsError, UsageError) as e:
+    except (DataError, EncoderWeightsError, UsageError, SettingsError) as e:
         print(f"\namoe: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"\namoe: training stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

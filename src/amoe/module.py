@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict
 from typing import Any
 
@@ -13,6 +14,18 @@ import torch.nn.functional as F
 from optimi import StableAdamW
 from tqdm.auto import tqdm
 
+from amoe.checkpoint import (
+    AMOE_KEY,
+    CheckpointError,
+    SettingsError,
+    close_epoch,
+    config_mismatches,
+    mismatch_message,
+    rng_state,
+    safe_load,
+    saved_config,
+    set_rng_state,
+)
 from amoe.evaluation import TestCollector
 from amoe.model import GROUPS, AnomalyMoE, AnomalyMoEConfig
 
@@ -70,15 +83,30 @@ class AnomalyMoEModule(L.LightningModule):
         self.model = AnomalyMoE(config)
         self.config = config
         self.collector: TestCollector | None = None
+        self._resume_rng: dict | None = None  # RNG state of a checkpoint being resumed (applied at train start)
 
     # --- set-up ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        # A checkpoint (resume, test, predict) brings the encoder weights with it; otherwise load them now,
+        self.check_data_geometry()
+
+    def ensure_encoder_weights(self) -> None:
+        # A checkpoint (resume, test, predict) brings the encoder weights with it (on_load_checkpoint marks
+        # them loaded; trainer.ckpt_path is not yet set in setup()); otherwise load the configured ones now,
         # after the data module has checked its root (so a missing dataset is reported first).
-        if self.trainer.ckpt_path is None:
-            self.model.encoder.load_weights()
+        self.model.encoder.load_weights()  # no-op when already loaded
+
+    def check_data_geometry(self) -> None:
+        """The data's crop must be the encoder's input size (a checkpoint fixes the latter)."""
+        t = getattr(getattr(self.trainer, "datamodule", None), "transform", None)
+        if t is not None and t.crop_size != self.config.img_size:
+            raise SettingsError(
+                f"the data's crop_size ({t.crop_size}) differs from the model's img_size ({self.config.img_size}). "
+                f"Pass --data.crop_size {self.config.img_size} with a matching --data.image_size, or use the config "
+                "the model was trained with."
+            )
 
     def on_fit_start(self) -> None:
+        self.ensure_encoder_weights()
         if self.config.num_component_experts and not self.model.component_bank.is_built:
             self.build_component_bank()
 
@@ -191,8 +219,57 @@ class AnomalyMoEModule(L.LightningModule):
             self.log_dict({"calib/image_threshold": sc.image_threshold.item(), "calib/pixel_threshold": sc.pixel_threshold.item()})
         self.model.train(was_training)
 
+    # --- checkpoints (SPEC §3): weights_only-loadable, RNG for exact resume, compatibility check -------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = [n for n, p in self.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise FloatingPointError(
+                f"step {self.global_step}: parameters hold NaN/Inf ({', '.join(bad[:3])}{'…' if len(bad) > 3 else ''}); "
+                "refusing to write this checkpoint. Lower the learning rate or use precision 32, and resume from "
+                "the last good checkpoint."
+            )
+        t = getattr(getattr(self._trainer, "datamodule", None), "transform", None) if self._trainer else None
+        close_epoch(checkpoint)
+        checkpoint[AMOE_KEY] = {
+            "rng": rng_state(),
+            "data": {"image_size": t.image_size, "crop_size": t.crop_size} if t is not None else {},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        diffs = config_mismatches(saved_config(checkpoint), asdict(self.config))
+        if diffs:
+            raise CheckpointError(mismatch_message("the checkpoint", diffs))
+        self._resume_rng = (checkpoint.get(AMOE_KEY) or {}).get("rng")
+        self.model.encoder.weights_loaded = True  # the checkpoint's state dict holds the encoder
+
+    def on_train_start(self) -> None:
+        # Resume: restore the RNG states of the checkpoint as late as possible (after set-up, which may
+        # draw random numbers), so dropout, jitter and worker seeds continue as in the uninterrupted run.
+        if self._resume_rng is not None:
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only: bool | None = True, **kwargs):
+        """Lightning's loader, safe by default (``weights_only=True``); a file that is unreadable, holds
+        pickled objects, or was trained with other model settings (e.g. ``config=`` given here) is refused
+        with a :class:`CheckpointError` that says why."""
+        try:
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
+                weights_only=weights_only, **kwargs,
+            )
+        except CheckpointError:
+            raise
+        except Exception:
+            if isinstance(checkpoint_path, str | os.PathLike):
+                safe_load(str(checkpoint_path))  # raises a CheckpointError naming what is wrong with the file
+            raise
+
     # --- evaluation -----------------------------------------------------------------------------
     def on_test_start(self) -> None:
+        self.ensure_encoder_weights()
         dm = self.trainer.datamodule
         if not bool(self.model.scorer.calibrated) and self.config.map_norm == "train_quantile":
             log.warning("this model has no normalisation statistics (calibration never ran); calibrating now.")
@@ -232,3 +309,25 @@ class AnomalyMoEModule(L.LightningModule):
             for k, v in result["mean"].items():
                 self.log(f"test/mean/{k}", float(v), sync_dist=False, rank_zero_only=True)
 
+    # --- prediction (amoe predict; files are written by amoe.predict.PredictionWriter) ------------------
+    def on_predict_start(self) -> None:
+        self.ensure_encoder_weights()
+        if not bool(self.model.scorer.calibrated):
+            log.warning(
+                "this checkpoint has no calibration (normalisation statistics and thresholds): scores are not "
+                "normalised and no image is called anomalous unless --threshold is given."
+            )
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Sparse inference; returns per-image maps at the evaluation size (B, S, S) and scores (B,) on CPU."""
+        out = self.model(batch["image"], batch["cls"], sparse=self.hparams.sparse_inference)
+        maps, scores = self.model.score(out)
+        return {
+            "path": list(batch["path"]),
+            "extra": list(batch.get("extra", [{}] * len(batch["path"]))),
+            "maps": maps.float().cpu(),
+            "scores": scores.float().cpu(),
+            "group_mass": out.group_mass.float().cpu(),
+            "experts": out.router.topk.cpu(),
+        }
