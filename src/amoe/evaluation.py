@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from amoe.metrics import DatasetEvaluator
 from amoe.model import GROUPS, AnomalyMoE, ModelOutput
-from amoe.results import make_run_dir, write_results
+from amoe.results import make_run_dir, paper_table, write_results
 from amoe.scoring import fuse
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,8 @@ class TestCollector:
         groups = [s.stop - s.start for s in self.model.group_slices]
         write_results(run_dir, result, [_public(r) for r in rows], gates, figures, expert_gates, groups)
         self.run_dir = run_dir
-        log.info("test results: %s", run_dir)
+        print(f"\n{paper_table(result)}\nmean: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(result["mean"].items()))
+              + f"\nresults written to {run_dir}", flush=True)
         if trainer is not None:
             log_to_wandb(trainer, run_dir, result)
         return result
