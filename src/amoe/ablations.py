@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"amoe ablations: {LABELS[args.dataset]}: {missing[args.dataset]}", file=sys.stderr)
             return 2
-    results_root = os.path.join(work, "results")
+    results_root = out  # each run's files: <out>/<dataset>/ablation-<name>-<stamp>/
     runs = {}
     for name in chosen:
         cfg = [a for c in [*configs, variant_config(name)] for a in ("--config", c)]
