@@ -10,3 +10,4 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures_data import *  # noqa: E402,F401,F403  (dataset layouts)
 from fixtures_model import *  # noqa: E402,F401,F403  (tiny encoder and model)
+from fixtures_ckpt import *  # noqa: E402,F401,F403  (a trained smoke checkpoint, once per session)

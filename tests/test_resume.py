@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 
 import torch
+from fixtures_ckpt import RUN_ARGS, STEPS_PER_EPOCH
 
 from amoe.cli import main
 from data_modules.base import EpochRandomSampler
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS_PER_EPOCH = 4  # smoke: 2 classes × 10 train images, 1 held out per class -> 18 images, batch 4, drop_last
-ARGS = ["--config", "experiments/smoke.yaml", "--trainer.max_steps", str(3 * STEPS_PER_EPOCH)]
 
 # Runs `amoe fit` and SIGKILLs itself mid-way through the second epoch (the epoch-0 checkpoint is on disk).
 KILLER = """
@@ -77,13 +76,12 @@ def test_sampler_order_is_a_function_of_seed_and_epoch():
     assert list(s) == orders[0] and sorted(orders[0]) == list(range(10))
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    assert main(["fit", *ARGS, "--trainer.default_root_dir", str(full)]) == 0
+def test_killed_run_resumes_to_the_same_result(tmp_path, trained_run):
+    full, killed = trained_run["runs"], tmp_path / "killed"  # full: the uninterrupted run (same RUN_ARGS)
 
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, "-c", KILLER.format(kill_at=STEPS_PER_EPOCH + 2), "fit", *ARGS,
+        [sys.executable, "-c", KILLER.format(kill_at=STEPS_PER_EPOCH + 1), "fit", *RUN_ARGS,
          "--trainer.default_root_dir", str(killed)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -91,9 +89,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     ckpt = killed / "latest" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == STEPS_PER_EPOCH  # the epoch-0 checkpoint
 
-    assert main(["fit", *ARGS, "--trainer.default_root_dir", str(killed), "--ckpt_path", "last"]) == 0
+    assert main(["fit", *RUN_ARGS, "--trainer.default_root_dir", str(killed), "--ckpt_path", "last"]) == 0
 
-    a = torch.load(full / "latest" / "checkpoints" / "last.ckpt", weights_only=True)
+    a = torch.load(trained_run["ckpt"], weights_only=True)
     b = torch.load(ckpt, weights_only=True)
     assert a["global_step"] == b["global_step"] == 3 * STEPS_PER_EPOCH
     _assert_same(a["state_dict"], b["state_dict"], "state_dict")  # weights, bank, normalisation stats, thresholds

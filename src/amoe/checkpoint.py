@@ -8,6 +8,7 @@ with a message naming the settings that differ, instead of a wall of missing/mis
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
@@ -86,6 +87,8 @@ def safe_load(path: str) -> dict[str, Any]:
 def saved_config(ckpt: dict[str, Any], source: str = "checkpoint") -> dict[str, Any]:
     """The model config stored in a checkpoint's hyper-parameters (refuses non-amoe checkpoints)."""
     cfg = (ckpt.get("hyper_parameters") or {}).get("config")
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):  # merged in by load_from_checkpoint(config=...)
+        cfg = dataclasses.asdict(cfg)
     if not isinstance(cfg, dict):
         raise CheckpointError(
             f"{source} has no amoe model config in its hyper-parameters: it was not written by amoe's "

@@ -18,12 +18,14 @@ the configured module and the image geometry the checkpoint was trained with; re
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
 
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -107,20 +109,21 @@ def explicit_keys(args: list[str], prefix: str) -> set[str]:
     return keys
 
 
-def pop_option(args: list[str], name: str) -> tuple[list[str], str | None]:
-    """Remove ``--name VALUE`` / ``--name=VALUE`` from args; return (rest, last value or None)."""
-    rest, value, i = [], None, 0
+def pop_prefixed(args: list[str], prefix: str) -> tuple[list[str], dict[str, str]]:
+    """Remove every ``--<prefix>.KEY VALUE`` / ``--<prefix>.KEY=VALUE`` from args; return (rest, {KEY: VALUE})."""
+    rest, found, i = [], {}, 0
+    start = f"--{prefix}."
     while i < len(args):
         a = args[i]
-        if a == name and i + 1 < len(args):
-            value, i = args[i + 1], i + 2
-            continue
-        if a.startswith(name + "="):
-            value = a.split("=", 1)[1]
+        if a.startswith(start) and len(a) > len(start):
+            key, eq, value = a[len(start) :].partition("=")
+            if not eq and i + 1 < len(args):
+                value, i = args[i + 1], i + 1
+            found[key] = value
         else:
             rest.append(a)
         i += 1
-    return rest, value
+    return rest, found
 
 
 PREDICT_DATA_KEYS = ("image_size", "crop_size", "batch_size", "eval_batch_size", "num_workers", "skip_bad_files")
@@ -129,9 +132,10 @@ PREDICT_DATA_KEYS = ("image_size", "crop_size", "batch_size", "eval_batch_size",
 class AmoeCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         args = list(sys.argv[1:] if args is None else args)
-        self.predict_path = None
-        if args and args[0] == "predict":
-            args, self.predict_path = pop_option(args, "--data.path")  # any config's data: see predict_data()
+        self.predict_path, self.predict_data_args = None, {}
+        if args and args[0] == "predict" and any(a == "--data.path" or a.startswith("--data.path=") for a in args):
+            args, self.predict_data_args = pop_prefixed(args, "data")  # any config's data: see predict_data()
+            self.predict_path = self.predict_data_args.pop("path")
         self.cli_args = args
         self.ckpt_meta: dict = {}
         super().__init__(
@@ -227,10 +231,15 @@ class AmoeCLI(LightningCLI):
         init = cfg.data.get("init_args") if cfg.get("data") is not None else None
         init = init.as_dict() if isinstance(init, Namespace) else dict(init or {})
         kw = {k: init[k] for k in PREDICT_DATA_KEYS if k in init}
-        explicit = explicit_keys(self.cli_args, "data")
-        for k, v in (self.ckpt_meta.get("data") or {}).items():  # the geometry the model was trained with
-            if k not in explicit:
-                kw[k] = v
+        kw.update(self.ckpt_meta.get("data") or {})  # the geometry the model was trained with
+        accepted = set(inspect.signature(AnomalyDataModule.__init__).parameters) - {"self", "root", "kwargs"}
+        for key, value in self.predict_data_args.items():  # explicit --data.* options apply to the folder
+            if key not in accepted:
+                raise UsageError(
+                    f"--data.{key} does not apply to predicting on a folder (--data.path); accepted: "
+                    + ", ".join(f"--data.{k}" for k in sorted(accepted))
+                )
+            kw[key] = yaml.safe_load(value)
         cfg.data = Namespace(class_path="data_modules.folder.Folder", init_args=Namespace(path=self.predict_path, **kw))
 
     def before_instantiate_classes(self) -> None:

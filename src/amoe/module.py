@@ -255,6 +255,15 @@ class AnomalyMoEModule(L.LightningModule):
         """Lightning's loader, safe by default (``weights_only=True``); a file that is unreadable, holds
         pickled objects, or was trained with other model settings (e.g. ``config=`` given here) is refused
         with a :class:`CheckpointError` that says why."""
+        if kwargs.get("config") is not None and isinstance(checkpoint_path, str | os.PathLike):
+            # an explicit config: Lightning merges it into the checkpoint's hyper-parameters before
+            # on_load_checkpoint sees them, so compare with the stored one here
+            given = kwargs["config"]
+            given = AnomalyMoEConfig(**given) if isinstance(given, dict) else given
+            source = f"checkpoint '{checkpoint_path}'"
+            diffs = config_mismatches(saved_config(safe_load(str(checkpoint_path)), source), asdict(given))
+            if diffs:
+                raise CheckpointError(mismatch_message(source, diffs))
         try:
             return super().load_from_checkpoint(
                 checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,

@@ -1,0 +1,132 @@
+"""``amoe predict --ckpt_path X --data.path DIR``: any folder of images, whatever data module the config
+names; scores.csv, overlays and masks at each image's original size, thresholds from the checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from fixtures_ckpt import tree_hash
+from fixtures_data import noise, save, touch
+from PIL import Image
+
+from amoe.cli import main
+from amoe.predict import output_names, to_original
+
+# name -> (array, PIL mode or None); sizes, channels and bit depths deliberately mixed
+IMAGES = {
+    "a.png": (noise(40, 50, seed=1), None),
+    "a.jpg": (noise(64, 64, seed=2), None),  # same stem as a.png: outputs must not collide
+    "sub/gray.bmp": (noise(30, 30, channels=1, seed=3), None),
+    "sub/deep16.png": (noise(33, 20, channels=1, seed=4).astype(np.uint16) * 257, None),
+    "sub/rgba.png": (np.dstack([noise(25, 25, seed=5), np.full((25, 25), 128, np.uint8)]), None),
+    "sub/Prüfstück_日本.png": (noise(30, 30, seed=6), None),
+    "sub/deeper/pal.png": (noise(20, 36, seed=7), "P"),
+}
+
+
+@pytest.fixture
+def mixed_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "incoming images"
+    for name, (arr, mode) in IMAGES.items():
+        save(root / name, arr, mode)
+    tifffile.imwrite(root / "sub/t.tiff", noise(20, 28, seed=8))
+    touch(root / "notes.txt", b"not an image")  # ignored: not an image extension
+    save(root / ".hidden/x.png", noise(seed=9))  # ignored: hidden
+    return root
+
+
+def _predict(ckpt, data_dir, results, *extra, config="experiments/synthetic.yaml"):
+    return main(["predict", "--config", config, "--ckpt_path", str(ckpt), "--data.path", str(data_dir),
+                 "--model.results_root", str(results), *extra])
+
+
+def _rows(run: Path) -> list[dict]:
+    with open(run / "scores.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_on_a_folder_of_mixed_images(trained_run, mixed_dir, tmp_path):
+    before = tree_hash(mixed_dir)
+    results = tmp_path / "results"
+    # synthetic.yaml names SyntheticDataModule and another geometry: --data.path and the checkpoint decide
+    assert _predict(trained_run["ckpt"], mixed_dir, results) == 0
+    run = (results / "predict" / "latest").resolve()
+    rows = _rows(run)
+    names = sorted([*IMAGES, "sub/t.tiff"])
+    assert sorted(str(Path(r["path"]).relative_to(mixed_dir)) for r in rows) == names
+    sd = torch.load(trained_run["ckpt"], weights_only=True)["state_dict"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["images"] == len(names) and summary["skipped"] == 0
+    assert summary["image_threshold"] == pytest.approx(float(sd["model.scorer.image_threshold"]))
+    assert summary["pixel_threshold"] == pytest.approx(float(sd["model.scorer.pixel_threshold"]))
+    thr = summary["image_threshold"]
+    for r in rows:
+        assert r["anomalous"] == str(float(r["score"]) > thr).lower()
+        assert 0.0 <= float(r["anomalous_area"]) <= 1.0
+        with Image.open(r["path"]) as im:
+            size = im.size
+        with Image.open(run / r["overlay"]) as ov, Image.open(run / r["mask"]) as mk:
+            assert ov.size == size and ov.mode == "RGB"
+            assert mk.size == size and set(np.unique(np.asarray(mk)).tolist()) <= {0, 255}
+    assert len({r["overlay"] for r in rows}) == len(rows)  # a.png and a.jpg do not collide
+    assert sum(1 for _ in (run / "overlays").rglob("*.png")) == sum(1 for _ in (run / "masks").rglob("*.png")) == len(rows)
+    assert tree_hash(mixed_dir) == before
+
+
+def test_thresholds_can_be_overridden_and_runs_are_never_overwritten(trained_run, mixed_dir, tmp_path):
+    results = tmp_path / "results"
+    assert _predict(trained_run["ckpt"], mixed_dir, results, "--threshold=-1e9", "--pixel_threshold", "1e9") == 0
+    first = (results / "predict" / "latest").resolve()
+    first_files = tree_hash(first)
+    rows = _rows(first)
+    assert {r["anomalous"] for r in rows} == {"true"} and {float(r["anomalous_area"]) for r in rows} == {0.0}
+    summary = json.loads((first / "summary.json").read_text())
+    assert summary["image_threshold_source"] == "--threshold" and summary["pixel_threshold_source"] == "--pixel_threshold"
+    assert _predict(trained_run["ckpt"], mixed_dir, results, "--threshold", "1e9") == 0
+    second = (results / "predict" / "latest").resolve()
+    assert second != first and tree_hash(first) == first_files
+    assert {r["anomalous"] for r in _rows(second)} == {"false"}
+
+
+def test_predict_needs_a_checkpoint(mixed_dir, tmp_path, capsys):
+    code = main(["predict", "--config", "experiments/smoke.yaml", "--data.path", str(mixed_dir),
+                 "--trainer.default_root_dir", str(tmp_path / "runs")])
+    assert code == 2 and "--ckpt_path" in capsys.readouterr().err
+
+
+def test_thresholds_are_for_predict_only(tmp_path, capsys):
+    code = main(["fit", "--config", "experiments/smoke.yaml", "--trainer.default_root_dir", str(tmp_path / "runs"),
+                 "--threshold", "0.5"])
+    assert code == 2 and "amoe predict" in capsys.readouterr().err
+
+
+def test_output_names_mirror_the_tree_without_collisions():
+    paths = ["/d/a.png", "/d/a.JPG", "/d/sub/b.tif", "/d/sub/c.bmp"]
+    names = output_names(paths, ["a.png", "a.JPG", "sub/b.tif", "sub/c.bmp"])
+    assert names == {"/d/a.png": "a_png.png", "/d/a.JPG": "a_jpg.png", "/d/sub/b.tif": "sub/b.png",
+                     "/d/sub/c.bmp": "sub/c.png"}
+    assert output_names(["/x/y/p.png", "/x/z/q.jpg"]) == {"/x/y/p.png": "y/p.png", "/x/z/q.jpg": "z/q.png"}
+
+
+def test_map_goes_back_onto_the_centre_crop_of_the_original_image():
+    amap = np.ones((8, 8), np.float32)
+    full, covered = to_original(amap, (100, 60), image_size=64, crop_size=48)  # crop = the central 3/4
+    assert full.shape == covered.shape == (100, 60)
+    assert covered[50, 30] and not covered[5, 30] and not covered[50, 2]
+    assert covered.sum() == (88 - 12) * (52 - 8) and np.allclose(full[covered], 1) and (full[~covered] == 0).all()
+    full, covered = to_original(amap, (30, 40), image_size=56, crop_size=56)
+    assert covered.all() and np.allclose(full, 1)
+
+
+def test_data_options_of_another_module_are_refused_with_a_folder(trained_run, mixed_dir, tmp_path, capsys):
+    code = main(["predict", "--config", "experiments/smoke.yaml", "--ckpt_path", str(trained_run["ckpt"]),
+                 "--data.path", str(mixed_dir),
+                 "--data.num_train", "5", "--trainer.default_root_dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--data.num_train does not apply" in err and "--data.skip_bad_files" in err
