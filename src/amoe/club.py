@@ -54,13 +54,20 @@ class EIR(nn.Module):
         return itertools.combinations(range(reps.shape[0]), 2)
 
     def forward(self, reps: list[torch.Tensor]) -> torch.Tensor:
-        """reps: per group (E_g, B, D) -> L_EIR, the sum of CLUB bounds over all within-group pairs."""
-        terms = [q.upper_bound(r[j], r[k]) for q, r in zip(self.estimators, reps) for j, k in self._pairs(r)]
-        return torch.stack(terms).sum() if terms else reps[0].new_zeros(())
+        """reps: per group (E_g, B, D) -> L_EIR, the sum of CLUB bounds over all within-group pairs.
+
+        float32 also under autocast: the bound is a difference of two large sums (cancellation in bf16).
+        """
+        with torch.autocast(reps[0].device.type, enabled=False):
+            terms = [q.upper_bound(r[j].float(), r[k].float()) for q, r in zip(self.estimators, reps) for j, k in self._pairs(r)]
+            return torch.stack(terms).sum() if terms else reps[0].new_zeros(())
 
     def estimator_loss(self, reps: list[torch.Tensor]) -> torch.Tensor:
-        """Negative log-likelihood of q_θ on detached representations (its own optimiser minimises it)."""
-        terms = [
-            -q.log_likelihood(r[j].detach(), r[k].detach()) for q, r in zip(self.estimators, reps) for j, k in self._pairs(r)
-        ]
-        return torch.stack(terms).mean() if terms else reps[0].new_zeros((), requires_grad=True)
+        """Negative log-likelihood of q_θ on detached representations (its own optimiser minimises it); float32."""
+        with torch.autocast(reps[0].device.type, enabled=False):
+            terms = [
+                -q.log_likelihood(r[j].detach().float(), r[k].detach().float())
+                for q, r in zip(self.estimators, reps)
+                for j, k in self._pairs(r)
+            ]
+            return torch.stack(terms).mean() if terms else reps[0].new_zeros((), requires_grad=True)

@@ -114,6 +114,7 @@ class ModelOutput(NamedTuple):
     group_maps: torch.Tensor  # (B, G, h, w) gate-weighted mean map of each group's selected experts
     group_mass: torch.Tensor  # (B, G) gate mass of each group (sums to 1 over groups)
     reps: list[torch.Tensor] | None  # per group (E_g, B, D) LayerNorm'd expert representations (training)
+    expert_maps: torch.Tensor | None = None  # (B, N, h, w) map of every expert that ran (0 where it did not)
 
 
 class Losses(NamedTuple):
@@ -194,16 +195,24 @@ class AnomalyMoE(nn.Module):
     ) -> ModelOutput:
         """image: (B, 3, H, W) ImageNet-normalised; classes: B class names (for the component bank).
 
-        ``sparse``: run each expert only on the samples that selected it (inference); otherwise all
-        experts see the whole batch (training). ``route``: optional forced (B, K) expert choice.
+        ``sparse``: run each expert once, on the sub-batch of samples whose top-K holds it (inference;
+        SPEC §2.11); otherwise all experts see the whole batch (training, as in the release). Both give
+        the same maps and losses for the selected experts. ``route``: optional forced (B, K) expert choice.
+
+        Under ``torch.autocast`` (bf16-mixed) the heavy parts (encoder, experts) run in low precision;
+        the router, the component assignment/pooling and everything after the expert maps stay float32.
         """
         cfg = self.config
+        b = image.shape[0]
+        if route is not None:
+            self._check_route(route, b)
         enc = self.encoder(image)
-        b, (h, w), p = image.shape[0], enc.grid, enc.num_prefix
+        (h, w), p = enc.grid, enc.num_prefix
         fused = torch.stack(enc.layers).mean(0)  # (B, P + h*w, D): bottleneck input
         target = fused[:, p:]  # F̄ (B, h*w, D)
         enc_groups = [torch.stack([enc.layers[i] for i in g]).mean(0)[:, p:] for g in cfg.fuse_groups]
         router = self.router(enc.cls, force=route)
+        selected = torch.zeros_like(router.weights, dtype=torch.bool).scatter_(1, router.topk, True)  # (B, N)
 
         ae_image, ae_target = image, target
         if self.training and cfg.ae_jitter > 0 and len(self.global_experts):
@@ -212,8 +221,10 @@ class AnomalyMoE(nn.Module):
         ae_target = rearrange(ae_target, "b (h w) d -> b d h w", h=h, w=w)
 
         if len(self.component_experts):
-            assign = self.component_bank.assign(target, classes)  # (B, h*w) in [0, C)
-            parts, present = masked_average_pool(target, assign, cfg.num_components)  # (B, C, D), (B, C)
+            with torch.autocast(image.device.type, enabled=False):  # cheap; keeps part assignment exact in bf16
+                t32 = target.float()
+                assign = self.component_bank.assign(t32, classes)  # (B, h*w) in [0, C)
+                parts, present = masked_average_pool(t32, assign, cfg.num_components)  # (B, C, D), (B, C)
 
         losses = image.new_zeros(b, cfg.num_experts)
         maps = image.new_zeros(b, cfg.num_experts, h * w)
@@ -221,12 +232,13 @@ class AnomalyMoE(nn.Module):
         experts = [*self.patch_experts, *self.component_experts, *self.global_experts]
         for i, expert in enumerate(experts):
             group = next(g for g, s in enumerate(self.group_slices) if s.start <= i < s.stop)
+            idx = slice(None)
             if sparse:
-                idx = (router.weights[:, i] > 0).nonzero().flatten()
-                if idx.numel() == 0:
-                    continue
-            else:
-                idx = slice(None)
+                rows = selected[:, i].nonzero().flatten()
+                if rows.numel() == 0:
+                    continue  # selected by no sample: never run
+                if rows.numel() < b:
+                    idx = rows  # a sub-batch (a whole batch stays a view: no gather copies)
             if group == 0:  # patch expert: pointwise cosine distance per fusion group (Eq. 6)
                 dec = expert(fused[idx])
                 enc_g = [e[idx] for e in enc_groups]
@@ -242,26 +254,49 @@ class AnomalyMoE(nn.Module):
                 out = expert(ae_image[idx])
                 loss = global_loss(out.ae, ae_target[idx], out.student)
                 ref = out.student if out.student is not None else ae_target[idx]
-                amap = rearrange((out.ae - ref).pow(2).mean(1), "b h w -> b (h w)")
+                amap = rearrange((out.ae.float() - ref.float()).pow(2).mean(1), "b h w -> b (h w)")
                 rep = (out.student if out.student is not None else out.ae).mean((2, 3))
             losses[idx, i] = loss.to(losses.dtype)
             maps[idx, i] = amap.to(maps.dtype)
             if self.training:
                 reps[group].append(representation(rep))
 
-        weights = router.weights.to(maps.dtype)
-        mass = torch.stack([weights[:, s].sum(1) for s in self.group_slices], dim=1)  # (B, G)
-        group_maps = torch.stack(
-            [(weights[:, s, None] * maps[:, s]).sum(1) / mass[:, g, None].clamp_min(1e-12) for g, s in enumerate(self.group_slices)],
-            dim=1,
-        )  # (B, G, h*w)
+        group_maps, mass = self.fuse_expert_maps(maps, router.weights)
         return ModelOutput(
             router=router,
             expert_losses=losses,
             group_maps=rearrange(group_maps, "b g (h w) -> b g h w", h=h, w=w),
             group_mass=mass,
             reps=[torch.stack(r) for r in reps if r] if self.training else None,
+            expert_maps=rearrange(maps, "b n (h w) -> b n h w", h=h, w=w),
         )
+
+    def fuse_expert_maps(self, maps: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate-weighted mean map of each group and the group's gate mass.
+
+        maps: (B, N, ...) per-expert maps, weights: (B, N) gates -> (B, G, ...) group maps, (B, G) mass.
+        Unselected experts have weight 0, so their (possibly never computed) maps do not matter.
+        """
+        weights = weights.to(maps.dtype)
+        extra = (None,) * (maps.ndim - 2)
+        mass = torch.stack([weights[:, s].sum(1) for s in self.group_slices], dim=1)  # (B, G)
+        group_maps = torch.stack(
+            [
+                (weights[:, s][(...,) + extra] * maps[:, s]).sum(1) / mass[:, g][(...,) + extra].clamp_min(1e-12)
+                for g, s in enumerate(self.group_slices)
+            ],
+            dim=1,
+        )
+        return group_maps, mass
+
+    def _check_route(self, route: torch.Tensor, batch: int) -> None:
+        n, k = self.config.num_experts, self.config.top_k
+        if route.ndim != 2 or route.shape != (batch, k) or route.dtype.is_floating_point:
+            raise ValueError(f"route must be a ({batch}, {k}) integer tensor of expert indices, got {tuple(route.shape)} {route.dtype}.")
+        if route.min() < 0 or route.max() >= n:
+            raise ValueError(f"route holds an expert index outside [0, {n}).")
+        if (route.sort(1).values.diff(dim=1) == 0).any():
+            raise ValueError("route selects the same expert twice for one sample.")
 
     def loss(self, out: ModelOutput) -> Losses:
         """Eq. 9: Σ_{j∈topK} G_j · s_group(j) · L_rec^(j) per sample, batch mean, + λ_ESB L_ESB + λ_EIR L_EIR."""
@@ -277,7 +312,7 @@ class AnomalyMoE(nn.Module):
         return Losses(total, rec, esb, eir, per_group)
 
     def score(self, out: ModelOutput):
-        """Final anomaly map (B, S, S) and image score (B,) from the group maps (SPEC §2.10)."""
+        """Final anomaly map (B, S, S) and image score (B,) from the group maps (SPEC §2.10), in float32."""
         return self.scorer(out.group_maps, out.group_mass)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -37,11 +37,15 @@ class Router(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, num_experts))
 
     def forward(self, cls: torch.Tensor, force: torch.Tensor | None = None) -> RouterOutput:
-        """``force``: optional (B, K) expert indices that replace the learnt choice (benchmarks, tests)."""
-        logits = self.mlp(cls)
-        if force is None:
-            weights, idx = top_k_gate(logits, self.top_k)
-        else:
-            idx = force.to(logits.device)
-            weights = torch.zeros_like(logits).scatter(-1, idx, F.softmax(logits.gather(-1, idx), dim=-1))
-        return RouterOutput(logits, F.softmax(logits, dim=-1), weights, idx)
+        """``force``: optional (B, K) expert indices that replace the learnt choice (benchmarks, tests).
+
+        Always float32, also under autocast: a bf16 router would flip near-tied top-K choices.
+        """
+        with torch.autocast(cls.device.type, enabled=False):
+            logits = self.mlp(cls.float())
+            if force is None:
+                weights, idx = top_k_gate(logits, self.top_k)
+            else:
+                idx = force.to(logits.device)
+                weights = torch.zeros_like(logits).scatter(-1, idx, F.softmax(logits.gather(-1, idx), dim=-1))
+            return RouterOutput(logits, F.softmax(logits, dim=-1), weights, idx)

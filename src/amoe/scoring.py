@@ -75,13 +75,19 @@ class Scorer(nn.Module):
         self.register_buffer("calibrated", torch.tensor(False))
 
     def postprocess(self, fused: torch.Tensor) -> ScoreOutput:
-        """fused (B, h, w) -> resized, blurred (B, S, S) map and its top-ratio image score."""
-        m = F.interpolate(fused[:, None].float(), size=(self.eval_size, self.eval_size), mode="bilinear", align_corners=False)
-        m = gaussian_blur(m[:, 0], self.blur_sigma, self.blur_kernel)
-        return ScoreOutput(m, top_ratio_score(m, self.top_ratio))
+        """fused (B, h, w) -> resized, blurred (B, S, S) map and its top-ratio image score.
+
+        Always float32, also when called under autocast (bf16-mixed test/predict steps): a bf16 blur
+        would quantise the scores (ties in AUROC).
+        """
+        with torch.autocast(fused.device.type, enabled=False):
+            m = F.interpolate(fused[:, None].float(), size=(self.eval_size, self.eval_size), mode="bilinear", align_corners=False)
+            m = gaussian_blur(m[:, 0], self.blur_sigma, self.blur_kernel)
+            return ScoreOutput(m, top_ratio_score(m, self.top_ratio))
 
     def forward(self, group_maps: torch.Tensor, mass: torch.Tensor) -> ScoreOutput:
-        return self.postprocess(fuse(group_maps.float(), mass.float(), self.lo, self.hi))
+        with torch.autocast(group_maps.device.type, enabled=False):
+            return self.postprocess(fuse(group_maps.float(), mass.float(), self.lo.float(), self.hi.float()))
 
     @torch.no_grad()
     def calibrate(self, group_maps: torch.Tensor, mass: torch.Tensor) -> None:
