@@ -130,3 +130,13 @@ def test_data_options_of_another_module_are_refused_with_a_folder(trained_run, m
                  "--data.num_train", "5", "--trainer.default_root_dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert code == 2 and "--data.num_train does not apply" in err and "--data.skip_bad_files" in err
+
+
+def test_predict_without_a_path_scores_the_configured_test_split(trained_run, tmp_path):
+    # the smoke config's synthetic data: images rendered on the fly (no files), overlays still written
+    assert main(["predict", "--config", "experiments/smoke.yaml", "--ckpt_path", str(trained_run["ckpt"]),
+                 "--model.results_root", str(tmp_path / "results"), "--trainer.default_root_dir", str(tmp_path / "runs")]) == 0
+    run = (tmp_path / "results" / "predict" / "latest").resolve()
+    rows = _rows(run)
+    assert len(rows) == 2 * (4 + 3 * 2) and all(r["path"].startswith("synthetic://") for r in rows)
+    assert all((run / r["overlay"]).is_file() and (run / r["mask"]).is_file() for r in rows)

@@ -112,6 +112,7 @@ class PredictionWriter(BasePredictionWriter):
         self.override = {"image": image_threshold, "pixel": pixel_threshold}
         self.run_dir: str | None = None
         self.names: dict[str, str] = {}
+        self.dataset, self.records = None, {}
         self.counts = {"images": 0, "anomalous": 0}
         self._csv = None
         self._writer = None
@@ -137,7 +138,9 @@ class PredictionWriter(BasePredictionWriter):
         dm = trainer.datamodule
         t = getattr(dm, "transform", None)
         self.geometry = (t.image_size, t.crop_size) if t is not None else None
-        records = dm.split("predict").records if hasattr(dm, "split") else []
+        self.dataset = dm.split("predict") if hasattr(dm, "split") else None
+        records = self.dataset.records if self.dataset is not None else []
+        self.records = {r.path: r for r in records}  # file metadata only; predictions are never kept
         if records:
             rel = [r.extra.get("relpath") for r in records]
             self.names = output_names([r.path for r in records], rel if all(rel) else None)
@@ -157,7 +160,8 @@ class PredictionWriter(BasePredictionWriter):
         for i, path in enumerate(prediction["path"]):
             score = float(prediction["scores"][i])
             amap = prediction["maps"][i].numpy()
-            rgb = read_rgb(path)
+            rec = self.records.get(path)
+            rgb = self.dataset.load_rgb(rec) if rec is not None else read_rgb(path)  # as the model saw it
             image_size, crop_size = self.geometry or (amap.shape[0], amap.shape[0])
             full, covered = to_original(amap, rgb.shape[:2], image_size, crop_size)
             name = self.names.get(path) or output_names([path])[path]
