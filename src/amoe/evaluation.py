@@ -183,7 +183,7 @@ class TestCollector:
             result = DatasetEvaluator.compute_from_dumps(self.shard_dir)
             rows, figures = [], {"overlays": [], "expert_maps": []}
             for path in sorted(glob.glob(os.path.join(self.shard_dir, "collector_rank*.pt"))):
-                part = torch.load(path, weights_only=False)
+                part = torch.load(path, weights_only=True)  # tensors, lists, dicts, str, float
                 rows += part["rows"]
                 for key in figures:
                     figures[key] += part["figures"][key]
