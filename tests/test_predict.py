@@ -4,6 +4,7 @@ names; scores.csv, overlays and masks at each image's original size, thresholds 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import tifffile
 import torch
 from fixtures_ckpt import tree_hash
 from fixtures_data import noise, save, touch
+from lightning.pytorch import Trainer
 from PIL import Image
 
 from amoe.cli import main
@@ -51,11 +53,21 @@ def _rows(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_predict_on_a_folder_of_mixed_images(trained_run, mixed_dir, tmp_path):
+def test_predict_on_a_folder_of_mixed_images(trained_run, mixed_dir, tmp_path, monkeypatch):
     before = tree_hash(mixed_dir)
     results = tmp_path / "results"
+    seen = {}
+    predict = Trainer.predict
+
+    @functools.wraps(predict)  # the CLI builds its options from this signature
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        return predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "predict", spy)
     # synthetic.yaml names SyntheticDataModule and another geometry: --data.path and the checkpoint decide
     assert _predict(trained_run["ckpt"], mixed_dir, results) == 0
+    assert seen["weights_only"] is True and seen["return_predictions"] is False  # safe load; nothing kept in memory
     run = (results / "predict" / "latest").resolve()
     rows = _rows(run)
     names = sorted([*IMAGES, "sub/t.tiff"])
