@@ -214,6 +214,14 @@ class AnomalyMoEModule(L.LightningModule):
             maps.append(out.group_maps.float().cpu())
             mass.append(out.group_mass.float().cpu())
         if maps:
+            n = sum(len(m) for m in maps)
+            if n < 20 and not getattr(self, "_warned_small_calib", False):
+                self._warned_small_calib = True
+                log.warning(
+                    "thresholds are calibrated on only %d held-out normal image(s) (calib_fraction %s of train/good): "
+                    "expect more false alarms; add normal images or raise --data.calib_fraction, or set "
+                    "--threshold at predict time.", n, getattr(dm, "calib_fraction", "?"),
+                )
             self.model.scorer.calibrate(torch.cat(maps), torch.cat(mass))
             sc = self.model.scorer
             self.log_dict({"calib/image_threshold": sc.image_threshold.item(), "calib/pixel_threshold": sc.pixel_threshold.item()})
