@@ -8,6 +8,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 sys.path.insert(0, str(Path(__file__).parent))
 
+from fixtures_ckpt import *  # noqa: E402,F401,F403  (a trained smoke checkpoint, once per session)
 from fixtures_data import *  # noqa: E402,F401,F403  (dataset layouts)
 from fixtures_model import *  # noqa: E402,F401,F403  (tiny encoder and model)
-from fixtures_ckpt import *  # noqa: E402,F401,F403  (a trained smoke checkpoint, once per session)
