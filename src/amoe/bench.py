@@ -1,0 +1,540 @@
+"""``amoe bench``: how fast AnomalyMoE runs on this machine, and how close to the machine's matmul peak.
+
+Everything is measured in ONE run, so that the ratios (speed-up, utilisation) hold even on a shared,
+noisy machine:
+
+* **peak**: a large square matmul (4096², fp32 and bf16), sampled right before every timed pass; the
+  best sample of the run is the peak (a high peak only makes the utilisation lower).
+* **model**: the paper-sized AnomalyMoE (``AnomalyMoEConfig()`` defaults: ViT-B/14-reg4 at 392², 6/6/6
+  experts, K=3) with random weights (``pretrained=False``; speed does not depend on the values) and a
+  component bank built from random embeddings. Batch 8, fp32 and bf16 (``torch.autocast``).
+* **routing** forced with ``route=``: ``worst`` (all K experts are patch experts, the most expensive
+  group; spread over the patch experts) and ``mixed`` (one expert of each group, spread).
+* **dense** (``sparse=False``): all 18 experts on one encoder pass — the released code's inference
+  (which also runs the encoder twice). Dense does the same work for every routing, so it is timed once
+  per dtype and reported under both patterns.
+* **sparse** (``sparse=True``): each expert once, on the samples that selected it.
+* **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` on the same forward (the first warm-up pass;
+  dense: on one image, times the batch — dense FLOPs are exactly linear in the batch). The CPU flash
+  attention kernel has no formula in torch; the standard SDPA formula (4·T²·d per head) is registered
+  for it, so the encoder's attention counts.
+* **stages**: forward hooks time the encoder, router and each expert group inside every timed pass.
+* **train step**: batch 2, fp32, dense, as ``AnomalyMoEModule.training_step`` (both optimisers), profiled
+  with ``torch.profiler``; backward ops are attributed to the stage whose forward op created them.
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from amoe.model import GROUPS, AnomalyMoE, AnomalyMoEConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+STAGES = ("encoder", "router", *GROUPS)
+
+
+# --- configuration ---------------------------------------------------------------------------------
+def quick_config(img_size: int = 56) -> AnomalyMoEConfig:
+    """A toy AnomalyMoE (dim 32, 4 blocks, 3/3/3 experts, K=3) for smoke tests of the benchmark."""
+    return AnomalyMoEConfig(
+        encoder="vit_small_patch14_reg4_dinov2", pretrained=False, encoder_arch={"embed_dim": 32, "depth": 4, "num_heads": 2},
+        img_size=img_size, layers=[0, 1, 2, 3], fuse_groups=[[0, 1], [2, 3]], num_patch_experts=3,
+        num_component_experts=3, num_global_experts=3, top_k=3, router_hidden=16, decoder_depth=4, decoder_heads=2,
+        num_components=3, component_hidden=16, component_bottleneck=8, global_width=16, global_code=16,
+        student_channels=[8, 16], eval_size=32,
+    )
+
+
+def build_model(cfg: AnomalyMoEConfig, seed: int = 0) -> AnomalyMoE:
+    """Random-weight model with a one-class component bank built from random embeddings (no data)."""
+    torch.manual_seed(seed)
+    model = AnomalyMoE(cfg)
+    emb = torch.randn(max(64, 16 * cfg.num_components), model.encoder.dim)
+    model.component_bank.build({"bench": emb}, seed=seed, niter=5)
+    return model.eval()
+
+
+def make_routes(cfg: AnomalyMoEConfig, batch: int, spread: bool = False) -> dict[str, torch.Tensor]:
+    """(B, K) forced expert choices. ``worst``: patch experts only (the most expensive group; filled up
+    from the next groups if K > N_p). ``mixed``: one expert of each group in turn. Concentrated (default):
+    every sample picks the same experts, so each selected expert runs once on the whole batch. ``spread``:
+    sample b shifts the choice by b inside each group, so experts run on sub-batches (B·K/N_group)."""
+    sizes = [cfg.num_patch_experts, cfg.num_component_experts, cfg.num_global_experts]
+    starts = [0, sizes[0], sizes[0] + sizes[1]]
+
+    def pick(order: list[int], b: int) -> list[int]:
+        chosen, used = [], {g: 0 for g in range(3)}
+        for g in order:
+            if len(chosen) == cfg.top_k:
+                break
+            if used[g] < sizes[g]:
+                chosen.append(starts[g] + ((b if spread else 0) + used[g]) % sizes[g])
+                used[g] += 1
+        return chosen
+
+    worst = [g for g in range(3) for _ in range(sizes[g])]  # patch first, then the rest
+    mixed = [g for _ in range(max(sizes)) for g in range(3)]
+    return {
+        "worst": torch.tensor([pick(worst, b) for b in range(batch)]),
+        "mixed": torch.tensor([pick(mixed, b) for b in range(batch)]),
+    }
+
+
+# --- measuring tools -------------------------------------------------------------------------------
+def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def flop_counter() -> FlopCounterMode:
+    """FlopCounterMode that also counts the CPU flash-attention kernel (torch has no formula for it)."""
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_attention_flops
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_attention_backward_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def stage_flops(counter: FlopCounterMode) -> dict[str, float]:
+    """Total FLOPs per stage (encoder, router, patch/component/global experts) from the module tree."""
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    root = "AnomalyMoE"
+    out = {"encoder": counts.get(f"{root}.encoder", 0), "router": counts.get(f"{root}.router", 0)}
+    for group in GROUPS:
+        prefix = f"{root}.{group}_experts."
+        out[group] = sum(v for k, v in counts.items() if k.startswith(prefix) and k.count(".") == 2)
+    out["total"] = counter.get_total_flops()
+    return {k: float(v) for k, v in out.items()}
+
+
+class StageTimer:
+    """Wall time inside the forward of the encoder, the router and each expert group (forward hooks)."""
+
+    def __init__(self, model: AnomalyMoE):
+        self.totals: dict[str, float] = defaultdict(float)  # wall seconds
+        self.cpu: dict[str, float] = defaultdict(float)  # process CPU seconds (all threads)
+        self._t0: dict[int, tuple[float, float]] = {}
+        self._handles = []
+        stages = {"encoder": [model.encoder], "router": [model.router]}
+        stages.update({g: list(getattr(model, f"{g}_experts")) for g in GROUPS})
+        for name, modules in stages.items():
+            for m in modules:
+                self._handles.append(m.register_forward_pre_hook(self._pre))
+                self._handles.append(m.register_forward_hook(lambda mod, a, o, name=name: self._post(name, mod)))
+
+    def _pre(self, module, args) -> None:
+        self._t0[id(module)] = (time.perf_counter(), time.process_time())
+
+    def _post(self, name: str, module) -> None:
+        t0, c0 = self._t0.pop(id(module))
+        self.totals[name] += time.perf_counter() - t0
+        self.cpu[name] += time.process_time() - c0
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.cpu.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class Peak:
+    """Best matmul throughput of an n×n @ n×n product in one dtype, sampled during the run: per wall
+    second (``best``) and per CPU-second of this process, all threads (``best_cpu``)."""
+
+    def __init__(self, dtype: torch.dtype, n: int):
+        gen = torch.Generator().manual_seed(0)
+        self.a = torch.randn(n, n, generator=gen).to(dtype)
+        self.b = torch.randn(n, n, generator=gen).to(dtype)
+        self.flops = 2.0 * n**3
+        self.best = self.best_cpu = 0.0
+        self.samples: list[float] = []
+
+    def sample(self, reps: int = 2) -> float:
+        for _ in range(reps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            torch.mm(self.a, self.b)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            self.samples.append(self.flops / wall)
+            self.best = max(self.best, self.flops / wall)
+            self.best_cpu = max(self.best_cpu, self.flops / max(cpu, 1e-9))
+        return self.best
+
+
+def autocast(dtype: str):
+    if dtype == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def timed(fn: Callable[[], Any], iters: int, timer: StageTimer, peak: Peak) -> tuple[float, float, dict[str, float], Any]:
+    """Best wall time of ``iters`` passes (a peak sample right before each), that pass's process CPU
+    time (all threads) and its stage times."""
+    best, cpu, stages, out = math.inf, math.nan, {}, None
+    for _ in range(iters):
+        peak.sample()
+        timer.reset()
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        elapsed, used = time.perf_counter() - t0, time.process_time() - c0
+        if elapsed < best:
+            best, cpu, stages = elapsed, used, {**timer.totals, **{f"{k}_cpu": v for k, v in timer.cpu.items()}}
+    return best, cpu, stages, out
+
+
+# --- inference -------------------------------------------------------------------------------------
+def bench_inference(model: AnomalyMoE, args, dtypes: list[str]) -> dict[str, Any]:
+    cfg = model.config
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, cfg.img_size, cfg.img_size, generator=gen)
+    classes = ["bench"] * args.batch
+    routes = make_routes(cfg, args.batch, spread=args.routing == "spread")
+    timer = StageTimer(model)
+    res: dict[str, Any] = {"peak": {}, "peak_cpu": {}, "flops": {}, "time": {}, "cpu": {}, "stages": {}, "outputs": {}}
+    try:
+        for dt in dtypes:
+            peak = Peak(DTYPES[dt], args.peak_size)
+            peak.sample(3)  # warms the GEMM path
+
+            def infer(n=args.batch, sparse=True, route=routes["worst"], dt=dt):
+                # a fresh autocast region per pass, as Lightning's test/predict step (no casts cached across passes)
+                with torch.no_grad(), autocast(dt):
+                    return model(x[:n], classes[:n], sparse=sparse, route=route[:n])
+
+            if not args.skip_dense:  # dense FLOPs are linear in the batch: count one image (a warm-up too)
+                with flop_counter() as fc:
+                    infer(n=1, sparse=False)
+                res["flops"].setdefault("dense", {k: v * args.batch for k, v in stage_flops(fc).items()})
+            for pattern, route in routes.items():
+                run = lambda r=route: infer(route=r)  # noqa: E731
+                with flop_counter() as fc:  # first warm-up pass, counted
+                    run()
+                res["flops"].setdefault(f"sparse_{pattern}", stage_flops(fc))
+                for _ in range(args.warmup - 1):
+                    run()
+                t, cpu, st, out = timed(run, args.iters, timer, peak)
+                res["time"][(dt, "sparse", pattern)], res["stages"][(dt, "sparse", pattern)] = t, st
+                res["cpu"][(dt, "sparse", pattern)] = cpu
+                res["outputs"][(dt, "sparse", pattern)] = out
+                log.info("%s sparse %-5s %8.1f ms/img", dt, pattern, 1e3 * t / args.batch)
+            if not args.skip_dense:
+                run = lambda: infer(sparse=False)  # noqa: E731
+                for _ in range(args.dense_warmup):
+                    run()
+                t, cpu, st, out = timed(run, args.dense_iters, timer, peak)
+                res["time"][(dt, "dense")], res["stages"][(dt, "dense")], res["outputs"][(dt, "dense")] = t, st, out
+                res["cpu"][(dt, "dense")] = cpu
+                log.info("%s dense        %8.1f ms/img", dt, 1e3 * t / args.batch)
+            peak.sample(3)
+            res["peak"][dt], res["peak_cpu"][dt] = peak.best, peak.best_cpu
+            log.info("%s matmul peak  %8.1f GFLOP/s (%d samples)", dt, peak.best / 1e9, len(peak.samples))
+    finally:
+        timer.remove()
+    res["routes"] = routes
+    return res
+
+
+def score_diffs(model: AnomalyMoE, res: dict[str, Any], dtype: str) -> tuple[float, float]:
+    """Max |score| and |map| difference, sparse vs dense, over both patterns (dense maps re-fused with
+    each pattern's gates: the same fusion the forward uses)."""
+    dense = res["outputs"][(dtype, "dense")]
+    score_diff = map_diff = 0.0
+    with torch.no_grad():
+        for pattern in res["routes"]:
+            sparse = res["outputs"][(dtype, "sparse", pattern)]
+            group_maps, mass = model.fuse_expert_maps(dense.expert_maps.float(), sparse.router.weights)
+            a, b = model.scorer(group_maps, mass), model.score(sparse)
+            score_diff = max(score_diff, (a.scores - b.scores).abs().max().item())
+            map_diff = max(map_diff, (a.maps - b.maps).abs().max().item())
+    return score_diff, map_diff
+
+
+# --- training --------------------------------------------------------------------------------------
+def bench_train_step(model: AnomalyMoE, batch: int, warmup: int) -> dict[str, Any]:
+    """One fp32 dense training step as AnomalyMoEModule.training_step (without Lightning), profiled."""
+    from optimi import StableAdamW
+
+    cfg = model.config
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=gen)
+    classes = ["bench"] * batch
+    model.train()
+    opt = StableAdamW(model.trainable_parameters(), lr=5e-4, betas=(0.9, 0.999), weight_decay=1e-4, triton=False)
+    club_opt = torch.optim.Adam(model.eir.parameters(), lr=1e-4, weight_decay=1e-4)
+    scopes = {"encoder": [model.encoder], "router": [model.router], "eir": [model.eir]}
+    scopes.update({g: list(getattr(model, f"{g}_experts")) for g in GROUPS})
+    handles, open_scopes = [], {}
+    for name, modules in scopes.items():
+        for m in modules:
+            def pre(mod, args, name=name):
+                open_scopes[id(mod)] = torch.autograd.profiler.record_function(f"stage:{name}").__enter__()
+
+            def post(mod, args, out):
+                open_scopes.pop(id(mod)).__exit__(None, None, None)
+
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+
+    def scope(name):
+        return torch.autograd.profiler.record_function(f"stage:{name}")
+
+    def step():
+        out = model(x, classes)  # dense; the AE view is jittered -> a second encoder pass
+        with scope("loss"):
+            losses = model.loss(out)
+        with scope("zero_grad"):
+            opt.zero_grad(set_to_none=True)
+        losses.total.backward()
+        with scope("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), 0.1)
+            opt.step()
+        if cfg.use_eir and out.reps:
+            with scope("club"):
+                club_opt.zero_grad(set_to_none=True)
+                club = model.eir.estimator_loss(out.reps)
+                club.backward()
+                torch.nn.utils.clip_grad_norm_(model.eir.parameters(), 0.1)
+                club_opt.step()
+        return losses
+
+    try:
+        for _ in range(warmup):
+            step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            losses = step()
+            total = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+        model.eval()
+    breakdown = attribute(prof.events())
+    merged = {
+        "encoder": breakdown.get("encoder", 0.0),
+        **{g: breakdown.get(g, 0.0) for g in GROUPS},
+        "router_esb": breakdown.get("router", 0.0) + breakdown.get("loss", 0.0),
+        "eir_club": breakdown.get("eir", 0.0) + breakdown.get("club", 0.0),
+        "optimizer": breakdown.get("optimizer", 0.0) + breakdown.get("zero_grad", 0.0),
+    }
+    merged["other"] = max(0.0, total - sum(merged.values()))
+    return {
+        "train_step_ms": 1e3 * total,
+        "train_step_breakdown_ms": {k: round(1e3 * v, 1) for k, v in merged.items()},
+        "train_loss_finite": bool(torch.isfinite(losses.total)),
+    }
+
+
+def attribute(events) -> dict[str, float]:
+    """Seconds per stage: forward = time inside ``stage:*`` scopes (self, nested scopes excluded);
+    backward = autograd nodes whose creating forward op ran inside that stage (matched by sequence nr)."""
+    by_id = {}
+    stage_of_seq: dict[int, tuple[float, str]] = {}
+    forward: dict[str, float] = defaultdict(float)
+
+    def stage(evt) -> str | None:
+        p = evt.cpu_parent
+        while p is not None:
+            if p.name.startswith("stage:"):
+                return p.name[6:]
+            p = p.cpu_parent
+        return None
+
+    for evt in events:
+        by_id[id(evt)] = evt
+        if evt.name.startswith("stage:"):
+            nested = sum(c.cpu_time_total for c in _descendant_scopes(evt))
+            forward[evt.name[6:]] += (evt.cpu_time_total - nested) / 1e6
+        elif evt.sequence_nr >= 0 and not evt.name.startswith("autograd::"):
+            s = stage(evt)
+            start = evt.time_range.start
+            if s is not None and (evt.sequence_nr not in stage_of_seq or start >= stage_of_seq[evt.sequence_nr][0]):
+                stage_of_seq[evt.sequence_nr] = (start, s)
+    backward: dict[str, float] = defaultdict(float)
+    for evt in events:
+        if evt.name.startswith("autograd::engine::evaluate_function") and stage(evt) is None:
+            s = stage_of_seq.get(evt.sequence_nr, (0, "other"))[1]
+            backward[s] += evt.cpu_time_total / 1e6
+    return {k: forward.get(k, 0.0) + backward.get(k, 0.0) for k in set(forward) | set(backward)}
+
+
+def _descendant_scopes(evt):
+    """The outermost ``stage:*`` scopes nested inside ``evt``."""
+    out, todo = [], list(evt.cpu_children)
+    while todo:
+        c = todo.pop()
+        if c.name.startswith("stage:"):
+            out.append(c)
+        else:
+            todo.extend(c.cpu_children)
+    return out
+
+
+# --- report ----------------------------------------------------------------------------------------
+def report(model: AnomalyMoE, args, res: dict[str, Any], train: dict[str, Any] | None, wall: float) -> dict[str, Any]:
+    b = args.batch
+    dtypes = list(res["peak"])
+    patterns = list(res["routes"])
+    ms = lambda s: round(1e3 * s / b, 2)  # noqa: E731  seconds per batch -> ms per image
+    flops = res["flops"]
+    enc_ms, dense_ms, sparse_ms, util, speedup, stage_util, util_cpu, share = {}, {}, {}, {}, {}, {}, {}, {}
+    stage_util_cpu: dict[str, Any] = {}
+    threads = torch.get_num_threads()
+    for dt in dtypes:
+        peak = res["peak"][dt]
+        t_dense = res["time"].get((dt, "dense"), math.nan)
+        enc_ms[dt], dense_ms[dt], sparse_ms[dt], util[dt], speedup[dt], stage_util[dt] = {}, {}, {}, {}, {}, {}
+        util_cpu[dt], share[dt], stage_util_cpu[dt] = {}, {}, {}
+        for key, t in res["time"].items():
+            if key[0] == dt:
+                name = key[2] if key[1] == "sparse" else "dense"
+                share[dt][name] = round(res["cpu"][key] / (t * threads), 2)
+                f = flops[f"sparse_{name}" if key[1] == "sparse" else "dense"]["total"]
+                util_cpu[dt][name] = round(f / res["cpu"][key] / res["peak_cpu"][dt], 3)
+        for p in patterns:
+            t = res["time"][(dt, "sparse", p)]
+            st = res["stages"][(dt, "sparse", p)]
+            enc_ms[dt][p] = ms(st.get("encoder", 0.0))
+            dense_ms[dt][p] = ms(t_dense)
+            sparse_ms[dt][p] = ms(t)
+            util[dt][p] = round(flops[f"sparse_{p}"]["total"] / t / peak, 3)
+            speedup[dt][p] = round(t_dense / t, 2)
+            fs = flops[f"sparse_{p}"]
+            stage_util[dt][p] = {s: round(fs[s] / st[s] / peak, 3) for s in STAGES if st.get(s) and fs[s] > 0}
+            stage_util_cpu[dt][p] = {
+                s: round(fs[s] / st[f"{s}_cpu"] / res["peak_cpu"][dt], 3) for s in STAGES if st.get(f"{s}_cpu") and fs[s] > 0
+            }
+        if (dt, "dense") in res["stages"]:
+            st, fd = res["stages"][(dt, "dense")], flops["dense"]
+            stage_util[dt]["dense"] = {s: round(fd[s] / st[s] / peak, 3) for s in STAGES if st.get(s) and fd[s] > 0}
+            util[dt]["dense"] = round(fd["total"] / t_dense / peak, 3)
+    diff_dtype = "fp32" if "fp32" in dtypes else dtypes[0]
+    score_diff, map_diff = score_diffs(model, res, diff_dtype) if (diff_dtype, "dense") in res["outputs"] else (math.nan, math.nan)
+    ref = "bf16" if "bf16" in dtypes else dtypes[0]
+    out = {
+        "encoder_ms_per_img": enc_ms,
+        "dense_ms_per_img": dense_ms,
+        "sparse_ms_per_img": sparse_ms,
+        "speedup_dense_over_sparse": speedup.get("fp32", speedup[dtypes[0]])["worst"],
+        "speedup_dense_over_sparse_all": speedup,
+        "max_abs_score_diff": score_diff,
+        "max_abs_map_diff": map_diff,
+        "flops_utilization": util[ref]["worst"],
+        "flops_utilization_mixed": util[ref]["mixed"],
+        "flops_utilization_all": util,
+        "flops_utilization_cpu_time": util_cpu,
+        "cpu_share": share,
+        "stage_utilization": stage_util,
+        "stage_utilization_cpu_time": stage_util_cpu,
+        "stage_ms_per_img": {
+            dt: {k[-1] if k[1] == "sparse" else "dense": {s: ms(v) for s, v in res["stages"][k].items() if not s.endswith("_cpu")}
+                 for k in res["stages"] if k[0] == dt}
+            for dt in dtypes
+        },
+        "peak_gflops": {dt: round(v / 1e9, 1) for dt, v in res["peak"].items()},
+        "peak_gflops_per_cpu_second": {dt: round(v / 1e9, 1) for dt, v in res["peak_cpu"].items()},
+        "gflop_per_img": {k: {s: round(v / b / 1e9, 2) for s, v in f.items()} for k, f in flops.items()},
+        "routes": {p: r.tolist() for p, r in res["routes"].items()},
+    }
+    if len(dtypes) > 1:
+        lo, hi = res["outputs"][("bf16", "sparse", "worst")], res["outputs"][("fp32", "sparse", "worst")]
+        with torch.no_grad():
+            out["bf16_vs_fp32_max_abs_score_diff"] = (model.score(lo).scores - model.score(hi).scores).abs().max().item()
+    if train:
+        out.update(train)
+    out["setup"] = {
+        "batch": b, "img_size": model.config.img_size, "quick": args.quick, "routing": args.routing, "warmup": args.warmup, "iters": args.iters,
+        "dense_warmup": args.dense_warmup, "dense_iters": args.dense_iters, "peak_size": args.peak_size,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": _cpu_name(),
+        "wall_s": round(wall, 1),
+    }
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="amoe bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: 392, --quick: 56)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed sparse passes (>= 1; the first counts FLOPs)")
+    p.add_argument("--iters", type=int, default=1, help="timed sparse passes (the best counts)")
+    p.add_argument("--dense-warmup", type=int, default=0, help="untimed full-batch dense passes (a 1-image dense pass always runs first)")
+    p.add_argument("--dense-iters", type=int, default=1)
+    p.add_argument("--skip-dense", action="store_true", help="no dense passes (faster; no speed-up / score check)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
+    p.add_argument(
+        "--routing", choices=("concentrated", "spread"), default="concentrated",
+        help="forced routes: every sample the same K experts (default), or spread over each group's experts",
+    )
+    p.add_argument("--peak-size", type=int, default=None, help="matmul side for the peak (default 4096, --quick: 256)")
+    p.add_argument("--train-batch", type=int, default=2)
+    p.add_argument("--train-warmup", type=int, default=0, help="untimed training steps before the profiled one")
+    p.add_argument("--no-train", action="store_true", help="skip the training step")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="tiny model, for a smoke test of the benchmark itself")
+    args = p.parse_args(argv)
+    args.img_size = args.img_size or (56 if args.quick else 392)
+    args.peak_size = args.peak_size or (256 if args.quick else 4096)
+    args.warmup = max(1, args.warmup)
+    bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if bad:
+        p.error(f"unknown dtype(s) {bad}; use fp32 and/or bf16")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("amoe.component_bank", "faiss", "faiss.loader"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = quick_config(args.img_size) if args.quick else AnomalyMoEConfig(pretrained=False, img_size=args.img_size)
+    t0 = time.perf_counter()
+    model = build_model(cfg)
+    log.info(
+        "amoe bench: %s, %d px, batch %d, %d/%d/%d experts, K=%d, %d threads (random weights)",
+        "quick toy model" if args.quick else cfg.encoder, cfg.img_size, args.batch, cfg.num_patch_experts,
+        cfg.num_component_experts, cfg.num_global_experts, cfg.top_k, torch.get_num_threads(),
+    )
+    res = bench_inference(model, args, args.dtypes.split(","))
+    train = None if args.no_train else bench_train_step(model, args.train_batch, args.train_warmup)
+    out = report(model, args, res, train, time.perf_counter() - t0)
+    for key in ("encoder_ms_per_img", "dense_ms_per_img", "sparse_ms_per_img", "stage_utilization"):
+        log.info("%s: %s", key, json.dumps(out[key]))
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""``amoe bench --quick``: the benchmark runs end to end on a toy model and prints its JSON last."""
+
+import json
+import math
+
+import torch
+
+from amoe.bench import main, make_routes, quick_config
+
+
+def _leaves(d, path=()):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _leaves(v, (*path, k))
+    else:
+        yield path, d
+
+
+def test_quick_bench_prints_the_json_with_finite_values(capsys):
+    assert main(["--quick", "--batch", "2", "--iters", "1", "--peak-size", "128"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = json.loads(last)
+    for key in ("encoder_ms_per_img", "dense_ms_per_img", "sparse_ms_per_img"):
+        assert set(out[key]) == {"fp32", "bf16"}
+        assert all(set(v) == {"worst", "mixed"} for v in out[key].values())
+    for key in (
+        "speedup_dense_over_sparse", "max_abs_score_diff", "flops_utilization", "flops_utilization_mixed", "train_step_ms",
+    ):
+        assert isinstance(out[key], float) and math.isfinite(out[key]), key
+    assert out["max_abs_score_diff"] <= 1e-5
+    assert set(out["train_step_breakdown_ms"]) >= {"encoder", "patch", "component", "global", "router_esb", "eir_club"}
+    numbers = [(p, v) for p, v in _leaves(out) if isinstance(v, float)]
+    bad = [p for p, v in numbers if not math.isfinite(v)]
+    assert not bad, bad
+    assert out["gflop_per_img"]["dense"]["total"] > out["gflop_per_img"]["sparse_worst"]["total"] > 0
+
+
+def test_forced_routes_have_the_intended_groups():
+    cfg = quick_config()  # 3/3/3 experts, K=3
+    for spread in (False, True):
+        routes = make_routes(cfg, 4, spread=spread)
+        assert routes["worst"].shape == routes["mixed"].shape == (4, 3)
+        assert (routes["worst"] < 3).all()  # patch experts only
+        assert (routes["mixed"] // 3 == torch.arange(3)).all()  # one of each group
+        assert all(len(set(r.tolist())) == 3 for r in routes["worst"])
+    assert len({tuple(r.tolist()) for r in make_routes(cfg, 4, spread=True)["worst"]}) > 1
+
