@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from amoe.encoder import FrozenEncoder
 from amoe.global_experts import GlobalExpert
-from amoe.patch_experts import elu_plus_one
 
 ARCH = {"embed_dim": 32, "depth": 4, "num_heads": 2}
 
@@ -40,24 +38,15 @@ def test_encoder_matches_timm_forward_intermediates(layers):
     torch.testing.assert_close(out.cls, ref_cls, rtol=1e-5, atol=1e-6)
 
 
-def test_encoder_under_autocast_equals_plain_autocast_and_follows_weight_changes():
+def test_encoder_under_autocast_matches_timm():
     enc = _encoder()
     x = torch.randn(2, 3, 56, 56)
-    keys = set(enc.state_dict())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = enc(x)
         ref_layers, ref_cls = _timm_reference(enc, x)
     for a, b in zip(out.layers, ref_layers):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(out.cls, ref_cls, rtol=2e-2, atol=2e-2)  # CLS-only last block: bf16 rounding
-    assert set(enc.state_dict()) == keys and len(list(enc.parameters())) == len(list(enc.vit.parameters()))
-    with torch.no_grad():
-        enc.vit.blocks[0].mlp.fc1.weight.mul_(2)  # the pre-cast copy must follow in-place weight changes
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        again = enc(x)
-        ref_layers, _ = _timm_reference(enc, x)
-    torch.testing.assert_close(again.layers[1], ref_layers[1], rtol=0, atol=0)
-    assert not torch.equal(again.layers[1], out.layers[1])
 
 
 def test_global_expert_channels_last_matches_contiguous_execution():
@@ -70,11 +59,3 @@ def test_global_expert_channels_last_matches_contiguous_execution():
     torch.testing.assert_close(out.ae, ae, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.student, student, rtol=1e-5, atol=1e-6)
 
-
-def test_elu_plus_one_equals_elu_plus_one_with_the_same_gradient():
-    t = torch.cat([torch.randn(1000) * 5, torch.zeros(3), torch.tensor([-200.0, 200.0])]).requires_grad_()
-    ref = F.elu(t) + 1
-    got = elu_plus_one(t)
-    torch.testing.assert_close(got, ref)
-    g_ref, g_got = torch.autograd.grad(ref.sum(), t)[0], torch.autograd.grad(got.sum(), t)[0]
-    torch.testing.assert_close(g_got, g_ref)

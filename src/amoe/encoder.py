@@ -8,7 +8,6 @@ is only used when the config says ``pretrained: false`` and then a loud warning 
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from typing import NamedTuple
@@ -102,7 +101,6 @@ class FrozenEncoder(nn.Module):
         self.num_prefix = self.vit.num_prefix_tokens
         self.grid = tuple(self.vit.patch_embed.grid_size)
         self.weights_loaded = False
-        self._lowp: tuple | None = None  # (key, ViT copy with low-precision Linear/Conv weights); not a submodule
         self.requires_grad_(False)
         self.eval()
 
@@ -158,9 +156,8 @@ class FrozenEncoder(nn.Module):
         The same blocks as timm's ``forward_intermediates``, without its split/re-concatenation of the
         prefix tokens. When the last block is not a selected layer, only its CLS output is computed
         (the router's input): the other tokens enter it only as keys/values (``_last_block_cls``).
-        Under autocast the ViT's matmul weights come pre-cast (``_vit_for``); results are identical.
         """
-        vit = self._vit_for(x)
+        vit = self.vit
         t = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))  # (B, P + h*w, D)
         kept = {}
         for i, block in enumerate(vit.blocks[: self.last]):
@@ -180,26 +177,6 @@ class FrozenEncoder(nn.Module):
             num_prefix=self.num_prefix,
             grid=(h, w),
         )
-
-
-    def _vit_for(self, x: torch.Tensor) -> nn.Module:
-        """The ViT to run on ``x``. Under autocast: a copy whose Linear/Conv weights are already in the
-        autocast dtype. Autocast caches weight casts only for parameters that require grad, so the frozen
-        encoder's 86 M weights were re-cast on every call (~8 % of the bf16 encoder time on CPU). Every
-        op sees exactly the tensors autocast would give it. The copy is rebuilt when a weight changes
-        (load, in-place update: tensor version) or moves (storage)."""
-        device = x.device.type
-        if not torch.is_autocast_enabled(device):
-            return self.vit
-        dtype = torch.get_autocast_dtype(device)
-        key = (dtype, tuple((p.data_ptr(), p._version) for p in self.vit.parameters()))
-        if self._lowp is None or self._lowp[0] != key:
-            vit = copy.deepcopy(self.vit)
-            for m in vit.modules():
-                if isinstance(m, (nn.Linear, nn.Conv2d)):
-                    m.to(dtype)
-            self._lowp = (key, vit)  # a tuple: not registered as a submodule (no state-dict keys)
-        return self._lowp[1]
 
 
 def _cls_only_supported(block: nn.Module) -> bool:
