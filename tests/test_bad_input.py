@@ -250,3 +250,16 @@ def test_unusable_checkpoint_files_are_explained(trained_run, tmp_path, capsys, 
     words = {"pickled": "pickled Python objects", "truncated": "truncated or not a checkpoint", "empty": "empty file",
              "not_lightning": "not a Lightning checkpoint", "not_amoe": "not written by amoe"}[kind]
     assert code == 2 and str(path) in err and words in err
+
+
+def test_checkpoint_written_before_a_setting_existed_loads_with_its_default(trained_run, tmp_path):
+    """A checkpoint without a later-added model setting (router_input) behaves as it was trained: the default."""
+    ck = torch.load(trained_run["ckpt"], map_location="cpu", weights_only=True)
+    del ck["hyper_parameters"]["config"]["router_input"]
+    old = tmp_path / "old.ckpt"
+    torch.save(ck, old)
+    from amoe.checkpoint import saved_config
+
+    assert saved_config(torch.load(old, weights_only=True))["router_input"] == "cls"
+    module = AnomalyMoEModule.load_from_checkpoint(str(old))
+    assert module.config.router_input == "cls"

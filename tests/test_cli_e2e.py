@@ -30,6 +30,19 @@ def test_fit_then_test_writes_finite_metrics(tmp_path):
     assert len([d for d in os.listdir(tmp_path / "results" / "synthetic") if d != "latest"]) == 2
 
 
+def test_explicit_scoring_settings_survive_the_checkpoint_settings(tmp_path):
+    """test --ckpt_path: the architecture comes from the checkpoint, but a scoring setting given on the
+    command line is used (it was silently replaced by its default before)."""
+    import yaml
+
+    assert _run(tmp_path, "fit") == 0
+    assert _run(tmp_path, "test", "--ckpt_path", "last", "--model.config.top_ratio", "0.25") == 0
+    configs = sorted((tmp_path / "runs" / "latest" / "csv").glob("version_*/config.yaml"), key=os.path.getmtime)
+    cfg = yaml.safe_load(configs[-1].read_text())["model"]["config"]
+    assert cfg["top_ratio"] == 0.25
+    assert cfg["router_input"] == "cls" and cfg["encoder_arch"]["embed_dim"] == 32  # from the checkpoint
+
+
 def test_missing_dataset_fails_fast_with_the_download_page(tmp_path, capsys):
     code = main(["fit", "--config", "experiments/paper.yaml", "--config", "experiments/visa.yaml",
                  "--data.root", str(tmp_path / "nope"), "--trainer.default_root_dir", str(tmp_path / "runs")])

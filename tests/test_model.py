@@ -71,6 +71,21 @@ def test_bad_config_is_refused_with_the_setting_named():
         tiny_model(fuse_groups=[[0, 1], [2, 9]])
 
 
+@pytest.mark.parametrize("router_input", ["cls", "patch_mean"])
+def test_router_input_is_the_last_cls_or_the_mean_patch_token(router_input):
+    model = tiny_model(router_input=router_input).eval()
+    x = _batch()
+    seen = []
+    model.router.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        model(x, ["a", "b", "a"])
+        enc = model.encoder(x)
+        expected = enc.cls if router_input == "cls" else model.patch_embeddings(x).mean(1)  # (B, D)
+    torch.testing.assert_close(seen[0], expected)
+    with pytest.raises(ValueError, match="router_input"):
+        tiny_model(router_input="mean")
+
+
 def test_component_experts_learn_on_synthetic_data():
     """The release never trained its component experts (masks not found); here their loss must fall."""
     from data_modules.synthetic import SyntheticDataModule

@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from amoe.model import AnomalyMoEConfig
+
 # Model settings that fix the shapes or the meaning of the trained weights. Scoring settings
 # (eval_size, blur, top_ratio, map_norm) may differ between training and evaluation.
 ARCH_KEYS = (
     "encoder", "encoder_arch", "img_size", "layers", "fuse_groups",
-    "num_patch_experts", "num_component_experts", "num_global_experts", "top_k", "router_hidden",
+    "num_patch_experts", "num_component_experts", "num_global_experts", "top_k", "router_hidden", "router_input",
     "decoder_depth", "decoder_heads", "num_components", "component_hidden", "component_bottleneck",
     "global_expert", "global_width", "global_code", "student_channels",
 )
@@ -94,7 +96,9 @@ def saved_config(ckpt: dict[str, Any], source: str = "checkpoint") -> dict[str, 
             f"{source} has no amoe model config in its hyper-parameters: it was not written by amoe's "
             "AnomalyMoEModule. Pass a checkpoint of `amoe fit`."
         )
-    return cfg
+    # settings added after the checkpoint was written take their defaults (the behaviour it was trained with)
+    defaults = dataclasses.asdict(AnomalyMoEConfig())
+    return {**{k: v for k, v in defaults.items() if k not in cfg}, **cfg}
 
 
 # --- RNG state ---------------------------------------------------------------------------------

@@ -216,7 +216,10 @@ class AmoeCLI(LightningCLI):
                 "%s: using the checkpoint's model settings instead of the config's: %s", source,
                 ", ".join(f"{k}={a!r} (config: {b!r})" for k, a, b in diffs),
             )
-        hparams["config"] = {k: v for k, v in saved.items() if k in ARCH_KEYS or f"config.{k}" not in explicit}
+        # architecture from the checkpoint; other settings from the checkpoint unless given on the command line
+        hparams["config"] = {
+            k: v if k in ARCH_KEYS or f"config.{k}" not in explicit else current.get(k, v) for k, v in saved.items()
+        }
         for key in list(hparams):
             if key != "config" and key in explicit:
                 hparams.pop(key)

@@ -51,6 +51,7 @@ class AnomalyMoEConfig:
     num_global_experts: int = 6
     top_k: int = 3
     router_hidden: int = 256
+    router_input: str = "cls"  # cls (the paper) | patch_mean (mean patch token: for random encoders, whose CLS is near constant)
     # patch experts
     decoder_depth: int = 8
     decoder_heads: int = 12
@@ -104,6 +105,8 @@ class AnomalyMoEConfig:
             )
         if self.map_norm not in ("train_quantile", "test_minmax", "none"):
             raise ValueError(f"map_norm must be train_quantile, test_minmax or none, got '{self.map_norm}'.")
+        if self.router_input not in ("cls", "patch_mean"):
+            raise ValueError(f"router_input must be cls or patch_mean, got '{self.router_input}'.")
         if len(self.group_scales) != 3:
             raise ValueError("group_scales needs three values: patch, component, global.")
 
@@ -211,7 +214,8 @@ class AnomalyMoE(nn.Module):
         fused = torch.stack(enc.layers).mean(0)  # (B, P + h*w, D): bottleneck input
         target = fused[:, p:]  # F̄ (B, h*w, D)
         enc_groups = [torch.stack([enc.layers[i] for i in g]).mean(0)[:, p:] for g in cfg.fuse_groups]
-        router = self.router(enc.cls, force=route)
+        router_in = enc.cls if cfg.router_input == "cls" else target.mean(1)  # (B, D)
+        router = self.router(router_in, force=route)
         selected = torch.zeros_like(router.weights, dtype=torch.bool).scatter_(1, router.topk, True)  # (B, N)
 
         ae_image, ae_target = image, target
