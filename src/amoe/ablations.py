@@ -54,6 +54,22 @@ def variant_config(name: str) -> str:
     return os.path.join(ABLATIONS, f"{name}.yaml")
 
 
+def capped_top_k(configs: list[str]) -> int | None:
+    """The number of experts when the merged ``model.config`` of ``configs`` selects more (top_k) than
+    it has, else None: a group-subset ablation of a base with few experts per group keeps top_k ≤ experts."""
+    import yaml
+
+    from amoe.model import AnomalyMoEConfig
+
+    merged: dict[str, Any] = {}
+    for path in configs:
+        with open(path) as f:
+            merged.update(((yaml.safe_load(f) or {}).get("model") or {}).get("config") or {})
+    default = AnomalyMoEConfig()
+    n = sum(merged.get(k, getattr(default, k)) for k in ("num_patch_experts", "num_component_experts", "num_global_experts"))
+    return n if merged.get("top_k", default.top_k) > n else None
+
+
 def base_configs(dataset: str, smoke: bool, work: str) -> tuple[list[str], str | None]:
     """(config paths of the base setting, data root or None for the configured one)."""
     if dataset == "synthetic":
@@ -125,13 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for name in chosen:
         cfg = [a for c in [*configs, variant_config(name)] for a in ("--config", c)]
+        cap = capped_top_k([*configs, variant_config(name)])
+        if cap is not None:
+            log.info("ablation %s: top_k capped to its %d expert(s)", name, cap)
         runs[name] = fit_and_test(
             args.dataset, cfg, root, os.path.join(work, name), results_root, f"ablation-{name}-{stamp}",
-            [*wandb_args(args.wandb, args.wandb_project, group), *extra], f"{args.dataset}/{name}",
+            [*wandb_args(args.wandb, args.wandb_project, group), *(["--model.config.top_k", str(cap)] if cap else []), *extra],
+            f"{args.dataset}/{name}",
         )
     setting = " + ".join(configs) + (" (smoke)" if args.smoke else "")
     header = (f"# Ablations on {LABELS.get(args.dataset, args.dataset)} (AnomalyMoE Tables 2 and 3)\n\n"
-              f"Base: {setting}; overrides: `{ABLATIONS}/<name>.yaml`; W&B group `{group}`; "
+              f"Base: {setting}; overrides: `{ABLATIONS}/<name>.yaml` (top_k capped to the number of experts "
+              f"where a group subset has fewer); W&B group `{group}`; "
               f"{time.strftime('%Y-%m-%d %H:%M')}. Values: mean over classes, %.")
     text = ablation_tables(args.dataset, runs, header)
     os.makedirs(out, exist_ok=True)
