@@ -45,3 +45,13 @@ def test_forced_routes_have_the_intended_groups():
         assert all(len(set(r.tolist())) == 3 for r in routes["worst"])
     assert len({tuple(r.tolist()) for r in make_routes(cfg, 4, spread=True)["worst"]}) > 1
 
+
+
+def test_op_profile_prints_one_table_per_stage_and_dtype(capsys):
+    assert main(["--quick", "--op-profile", "--dtypes", "fp32,bf16", "--batch", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    for title in ("Encoder (fp32", "One patch expert (fp32", "Encoder (bf16", "One patch expert (bf16"):
+        assert title in out, title
+    shares = [float(line.split("|")[2].strip().rstrip("%")) for line in out.splitlines() if line.startswith("| `")]
+    assert shares and all(1.0 <= s <= 100.0 for s in shares)
+    assert "aten::addmm" in out or "aten::mm" in out  # the GEMMs are there

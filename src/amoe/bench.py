@@ -37,6 +37,7 @@ import platform
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -506,6 +507,43 @@ def choose_threads(requested: int | None) -> tuple[int, str]:
     return cores, f"load average {load:.1f}: all {cores} cores"
 
 
+def op_table(fn, title: str, dtype: str) -> str:
+    """Markdown table of the ops taking ≥1 % of ``fn()``'s self CPU time (one profiled pass after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    lines = [f"{title}: {total / 1e6:.2f} s self CPU", "", "| op | share | calls |", "|---|---|---|"]
+    rest = 0.0
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total):
+        share = e.self_cpu_time_total / total
+        if share >= 0.01:
+            lines.append(f"| `{e.key}` | {share:.1%} | {e.count} |")
+        else:
+            rest += share
+    return "\n".join([*lines, f"| (ops under 1 % each) | {rest:.1%} | |"])
+
+
+def op_profile(args: argparse.Namespace) -> int:
+    """``--op-profile``: where the encoder's and one patch expert's time goes, op by op (docs/PERFORMANCE.md)."""
+    cfg = quick_config(args.img_size) if args.quick else AnomalyMoEConfig(pretrained=False, img_size=args.img_size)
+    cfg = replace(cfg, num_patch_experts=1, num_component_experts=0, num_global_experts=0, top_k=1)
+    torch.manual_seed(0)
+    model = AnomalyMoE(cfg).eval()
+    x = torch.randn(args.batch, 3, cfg.img_size, cfg.img_size)
+    setting = f"{torch.get_num_threads()} thread(s), batch {args.batch}, {cfg.img_size} px"
+    for dtype in args.dtypes.split(","):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
+            fused = torch.stack(model.encoder(x).layers).mean(0)
+        print(op_table(lambda: model.encoder(x), f"Encoder ({dtype}, {setting})", dtype) + "\n", flush=True)
+        print(op_table(lambda f=fused: model.patch_experts[0](f), f"One patch expert ({dtype}, {setting})", dtype) + "\n", flush=True)
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="amoe bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
@@ -532,6 +570,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch threads (default: all cores on an idle machine; 1 when the load average shows other work)",
     )
     p.add_argument("--quick", action="store_true", help="tiny model, for a smoke test of the benchmark itself")
+    p.add_argument("--op-profile", action="store_true", help="only print op tables of the encoder and one patch expert")
     args = p.parse_args(argv)
     args.img_size = args.img_size or (56 if args.quick else 392)
     args.peak_size = args.peak_size or (256 if args.quick else 4096)
@@ -553,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     log.info("threads: %d (%s)", threads, why)
     try:
-        return _run(args)
+        return op_profile(args) if args.op_profile else _run(args)
     finally:
         torch.set_num_threads(before)
 
