@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from amoe.model import AnomalyMoEConfig
 from amoe.reproduce import (
     DATASETS,
     EXPERIMENTS,
@@ -57,10 +60,6 @@ def variant_config(name: str) -> str:
 def capped_top_k(configs: list[str]) -> int | None:
     """The number of experts when the merged ``model.config`` of ``configs`` selects more (top_k) than
     it has, else None: a group-subset ablation of a base with few experts per group keeps top_k ≤ experts."""
-    import yaml
-
-    from amoe.model import AnomalyMoEConfig
-
     merged: dict[str, Any] = {}
     for path in configs:
         with open(path) as f:
