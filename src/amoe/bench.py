@@ -507,6 +507,11 @@ def choose_threads(requested: int | None) -> tuple[int, str]:
     return cores, f"load average {load:.1f}: all {cores} cores"
 
 
+def bench_config(args: argparse.Namespace) -> AnomalyMoEConfig:
+    """The benchmarked model: the paper configuration with random weights, or the toy one (``--quick``)."""
+    return quick_config(args.img_size) if args.quick else AnomalyMoEConfig(pretrained=False, img_size=args.img_size)
+
+
 def op_table(fn, title: str, dtype: str) -> str:
     """Markdown table of the ops taking ≥1 % of ``fn()``'s self CPU time (one profiled pass after a warm-up)."""
     from torch.profiler import ProfilerActivity, profile
@@ -530,7 +535,7 @@ def op_table(fn, title: str, dtype: str) -> str:
 
 def op_profile(args: argparse.Namespace) -> int:
     """``--op-profile``: where the encoder's and one patch expert's time goes, op by op (docs/PERFORMANCE.md)."""
-    cfg = quick_config(args.img_size) if args.quick else AnomalyMoEConfig(pretrained=False, img_size=args.img_size)
+    cfg = bench_config(args)
     cfg = replace(cfg, num_patch_experts=1, num_component_experts=0, num_global_experts=0, top_k=1)
     torch.manual_seed(0)
     model = AnomalyMoE(cfg).eval()
@@ -598,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = quick_config(args.img_size) if args.quick else AnomalyMoEConfig(pretrained=False, img_size=args.img_size)
+    cfg = bench_config(args)
     t0 = time.perf_counter()
     model = build_model(cfg)
     log.info(
