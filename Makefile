@@ -7,6 +7,10 @@ DATASET ?= synthetic
 DATA_ROOT ?=
 ARGS ?=
 
+ifeq ($(DATASET),livercT)
+$(warning DATASET=livercT is deprecated; use DATASET=liverct)
+override DATASET := liverct
+endif
 ifeq ($(DATASET),synthetic)
 CONFIGS := --config experiments/synthetic.yaml
 else

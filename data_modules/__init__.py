@@ -1,5 +1,7 @@
 """One LightningDataModule per dataset family; ``DATAMODULES`` maps a name to its class."""
 
+import warnings
+
 from data_modules.base import AnomalyDataModule, DataError, Record
 from data_modules.bmad import BMAD, RESC, BrainMRI, LiverCT
 from data_modules.folder import Folder
@@ -17,7 +19,7 @@ DATAMODULES: dict[str, type[AnomalyDataModule]] = {
     "visa": VisA,
     "mvtec_loco": MVTecLOCO,
     "brainmri": BrainMRI,
-    "livercT": LiverCT,
+    "liverct": LiverCT,
     "resc": RESC,
     "mvtec_3d": MVTec3D,
     "ped2": Ped2,
@@ -25,7 +27,17 @@ DATAMODULES: dict[str, type[AnomalyDataModule]] = {
     "unified": Unified,
 }
 
+
+
+def canonical_name(name: str) -> str:
+    """The dataset name as amoe spells it; ``livercT`` (the spelling before amoe 0.2) still works, with a warning."""
+    if name == "livercT":
+        warnings.warn("the dataset name 'livercT' is deprecated; use 'liverct'.", FutureWarning, stacklevel=2)
+        return "liverct"
+    return name
+
+
 __all__ = [
     "BMAD", "DATAMODULES", "RESC", "AnomalyDataModule", "BrainMRI", "DataError", "Folder", "LiverCT", "MVTec3D",
-    "MVTecAD", "MVTecLOCO", "Ped2", "Record", "SyntheticDataModule", "Unified", "VisA",
+    "MVTecAD", "MVTecLOCO", "Ped2", "Record", "SyntheticDataModule", "Unified", "VisA", "canonical_name",
 ]

@@ -10,15 +10,19 @@ from data_modules.tree import pair_masks, test_types, train_good
 
 
 def subset_info(subset: str) -> tuple[str, str, str, str]:
-    """(name, class, folder, zip folder) of a BMAD subset given as brainmri | livercT | resc (any case)."""
+    """(name, class, folder, zip folder) of a BMAD subset given as brainmri | liverct | resc (any case)."""
+    if subset == "livercT":
+        from data_modules import canonical_name
+
+        subset = canonical_name(subset)  # the old spelling: a deprecation warning
     for info in (
         ("brainmri", "BrainMRI", "BraTS2021_slice", "Brain_AD"),
-        ("livercT", "LiverCT", "hist_DIY", "Liver_AD"),
+        ("liverct", "LiverCT", "hist_DIY", "Liver_AD"),
         ("resc", "RESC", "RESC", "Retina_RESC_AD"),
     ):
         if subset.lower() in (info[0].lower(), info[2].lower()):
             return info
-    raise DataError(f"bmad: unknown subset '{subset}'; choose brainmri, livercT or resc.")
+    raise DataError(f"bmad: unknown subset '{subset}'; choose brainmri, liverct or resc.")
 
 
 class BMAD(AnomalyDataModule):
@@ -38,7 +42,7 @@ class BMAD(AnomalyDataModule):
   or the UniVAD pack: <root>/BrainMRI/{train/good, test/{good,Ungood}, ground_truth/Ungood}"""
 
     def __init__(self, root: str | None = None, subset: str = "brainmri", **kwargs):
-        """``subset``: brainmri | livercT | resc (any case); default root data/BMAD/<BrainMRI|LiverCT|RESC>."""
+        """``subset``: brainmri | liverct | resc (any case); default root data/BMAD/<BrainMRI|LiverCT|RESC>."""
         name, cls, _, _ = subset_info(subset)
         super().__init__(root=root if root is not None else f"data/BMAD/{cls}", **kwargs)
         self.subset, self.name, self.cls = name, name, cls
@@ -126,10 +130,10 @@ class BrainMRI(BMAD):
 class LiverCT(BMAD):
     """BMAD LiverCT (BTCV + LiTS, folder hist_DIY)."""
 
-    name = "livercT"
+    name = "liverct"
 
     def __init__(self, root: str | None = None, **kwargs):
-        super().__init__(root=root, subset="livercT", **kwargs)
+        super().__init__(root=root, subset="liverct", **kwargs)
 
 
 class RESC(BMAD):

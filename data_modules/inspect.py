@@ -7,7 +7,7 @@ import json
 from collections import Counter
 from typing import Any
 
-from data_modules import DATAMODULES
+from data_modules import DATAMODULES, canonical_name
 from data_modules.base import AnomalyDataModule, DataError
 from data_modules.bmad import BMAD
 
@@ -64,9 +64,9 @@ def print_report(name: str, root: str, report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Print the counts (``--json``: the last line is the JSON report); exit 0 only without problems."""
     p = argparse.ArgumentParser(prog="amoe inspect-data", description=__doc__)
-    p.add_argument("--dataset", required=True, choices=sorted(set(DATAMODULES) | {"bmad"}))
+    p.add_argument("--dataset", required=True, type=canonical_name, choices=sorted(set(DATAMODULES) | {"bmad"}))
     p.add_argument("--root", default=None, help="dataset root (default: the module's data/<dataset>)")
-    p.add_argument("--subset", default=None, help="bmad: brainmri | livercT | resc")
+    p.add_argument("--subset", default=None, help="bmad: brainmri | liverct | resc")
     p.add_argument("--modality", default=None, help="mvtec_3d: rgb | depth")
     p.add_argument("--no-read", action="store_true", help="do not decode the files (faster; misses unreadable ones)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on the last line")

@@ -47,15 +47,15 @@ class Unified(AnomalyDataModule):
 
     def __init__(self, root: str | None = None, datasets: list[dict[str, Any] | str] | None = None, **kwargs):
         super().__init__(root=root, **kwargs)
-        from data_modules import DATAMODULES  # here: data_modules imports this module
+        from data_modules import DATAMODULES, canonical_name  # here: data_modules imports this module
 
-        specs = datasets or ["mvtec_ad", "visa", "mvtec_loco", "brainmri", "livercT", "resc", "mvtec_3d", "ped2"]
+        specs = datasets or ["mvtec_ad", "visa", "mvtec_loco", "brainmri", "liverct", "resc", "mvtec_3d", "ped2"]
         shared = {"image_size": self.transform.image_size, "crop_size": self.transform.crop_size,
                   "skip_bad_files": self.skip_bad_files, "seed": self.seed}
         self.members: list[AnomalyDataModule] = []
         for spec in specs:
             args = {"name": spec} if isinstance(spec, str) else dict(spec)
-            name = args.pop("name", None)
+            name = canonical_name(args.pop("name", None))
             if name not in DATAMODULES or name == self.name:
                 raise DataError(f"unified: unknown dataset {name!r}; choose from {sorted(set(DATAMODULES) - {self.name})}.")
             accepted = inspect.signature(DATAMODULES[name].__init__).parameters

@@ -38,7 +38,7 @@ CASES = [
     ("brainmri", "brainmri", "bmad_root", "Brain_AD", {}, {
         "train": {"BrainMRI": 3}, "validation": {"BrainMRI": 2}, "test": {"BrainMRI": {"Ungood": 2, "good": 2}},
         "masks": 3}),
-    ("livercT", "livercT", "bmad_root", ".", {}, {
+    ("liverct", "liverct", "bmad_root", ".", {}, {
         "train": {"LiverCT": 2}, "validation": {"LiverCT": 2}, "test": {"LiverCT": {"good": 1, "ungood": 2}},
         "masks": 3}),
     ("resc", "resc", "bmad_root", "Retina_RESC_AD/RESC", {}, {

@@ -19,9 +19,9 @@ def test_subset_is_case_insensitive(subset):
 
 
 def test_named_modules_bind_subsets():
-    assert [(DATAMODULES[n]().cls, DATAMODULES[n]().root) for n in ("brainmri", "livercT", "resc")] == [
+    assert [(DATAMODULES[n]().cls, DATAMODULES[n]().root) for n in ("brainmri", "liverct", "resc")] == [
         ("BrainMRI", "data/BMAD/BrainMRI"), ("LiverCT", "data/BMAD/LiverCT"), ("RESC", "data/BMAD/RESC")]
-    assert BMAD(subset="LIVERCT").name == "livercT"
+    assert BMAD(subset="LIVERCT").name == "liverct"
     with pytest.raises(DataError, match="unknown subset 'chest'"):
         BMAD(subset="chest")
 
@@ -33,7 +33,7 @@ def test_root_may_be_the_folder_its_zip_folder_or_above(bmad_root, below):
 
 
 def test_masks_have_the_image_file_name_and_good_masks_are_ignored(bmad_root):
-    for name, root in (("brainmri", bmad_root), ("livercT", bmad_root), ("resc", bmad_root)):
+    for name, root in (("brainmri", bmad_root), ("liverct", bmad_root), ("resc", bmad_root)):
         dm = small(DATAMODULES[name], root=str(root))
         for r in dm.test_records() + dm.validation_records():
             if r.label:
@@ -58,10 +58,10 @@ def test_univad_pack(bmad_pack_root):
 def test_anomaly_without_label_mask(bmad_root):
     (bmad_root / "Liver_AD/hist_DIY/test/label/ungood/9.png").unlink()
     with pytest.raises(DataError, match="img/ungood/9.png: anomalous image without mask"):
-        small(DATAMODULES["livercT"], root=str(bmad_root)).setup("test")
+        small(DATAMODULES["liverct"], root=str(bmad_root)).setup("test")
 
 
 def test_no_data_under_root(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(DataError, match="(?s)no BMAD LiverCT data.*Liver_AD.*DorisBao/BMAD"):
-        small(DATAMODULES["livercT"], root=str(tmp_path / "x")).setup()
+        small(DATAMODULES["liverct"], root=str(tmp_path / "x")).setup()

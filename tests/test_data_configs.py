@@ -14,7 +14,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 ROOTS = {
     "mvtec_ad": ("MVTecAD", "data/mvtec_ad"), "visa": ("VisA", "data/VisA"),
     "mvtec_loco": ("MVTecLOCO", "data/mvtec_loco"), "brainmri": ("BMAD", "data/BMAD/BrainMRI"),
-    "livercT": ("BMAD", "data/BMAD/LiverCT"), "resc": ("BMAD", "data/BMAD/RESC"),
+    "liverct": ("BMAD", "data/BMAD/LiverCT"), "resc": ("BMAD", "data/BMAD/RESC"),
     "mvtec_3d": ("MVTec3D", "data/mvtec_3d"), "ped2": ("Ped2", "data/Ped2"),
 }
 

@@ -43,7 +43,7 @@ def test_names_default_roots_and_errors(tmp_path):
     dm = Unified(root=str(tmp_path), datasets=["visa", "brainmri"])
     assert [c.root for c in dm.members] == [str(tmp_path / "VisA"), str(tmp_path / "BMAD/BrainMRI")]
     assert [c.name for c in Unified().members] == [
-        "mvtec_ad", "visa", "mvtec_loco", "brainmri", "livercT", "resc", "mvtec_3d", "ped2"]
+        "mvtec_ad", "visa", "mvtec_loco", "brainmri", "liverct", "resc", "mvtec_3d", "ped2"]
     with pytest.raises(DataError, match="each dataset may appear once"):
         Unified(datasets=["visa", "visa"])
     with pytest.raises(DataError, match="unknown dataset 'imagenet'"):

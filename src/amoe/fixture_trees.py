@@ -303,7 +303,7 @@ BENCHMARK_TREES = {
     "visa": visa_raw,
     "mvtec_loco": mvtec_loco,
     "brainmri": bmad_raw,
-    "livercT": bmad_raw,
+    "liverct": bmad_raw,
     "resc": bmad_raw,
     "mvtec_3d": mvtec_3d,
     "ped2": ped2,

@@ -30,10 +30,10 @@ import yaml
 
 log = logging.getLogger("amoe.reproduce")
 
-DATASETS = ("mvtec_ad", "visa", "mvtec_loco", "brainmri", "livercT", "resc", "mvtec_3d", "ped2")
+DATASETS = ("mvtec_ad", "visa", "mvtec_loco", "brainmri", "liverct", "resc", "mvtec_3d", "ped2")
 LABELS = {
     "mvtec_ad": "MVTec AD", "visa": "VisA", "mvtec_loco": "MVTec LOCO", "brainmri": "BrainMRI",
-    "livercT": "LiverCT", "resc": "RESC", "mvtec_3d": "MVTec 3D-AD", "ped2": "Ped2", "synthetic": "synthetic",
+    "liverct": "LiverCT", "resc": "RESC", "mvtec_3d": "MVTec 3D-AD", "ped2": "Ped2", "synthetic": "synthetic",
 }
 EXPERIMENTS = "experiments"
 PAPER_CONFIG = os.path.join(EXPERIMENTS, "paper.yaml")
