@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from amoe.cli import wandb_wanted
+from amoe.wandb_mode import wandb_wanted
 
 REPO = Path(__file__).resolve().parents[1]
 

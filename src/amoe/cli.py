@@ -43,6 +43,7 @@ from amoe.checkpoint import (
 from amoe.encoder import EncoderWeightsError
 from amoe.module import AnomalyMoEModule
 from amoe.results import make_run_dir
+from amoe.wandb_mode import wandb_wanted
 from data_modules.base import AnomalyDataModule, DataError
 
 log = logging.getLogger("amoe")
@@ -67,37 +68,6 @@ def resolve_last(base: str) -> str:
         f"--ckpt_path last: no checkpoint at '{path}'. Train first (amoe fit … with trainer.default_root_dir "
         f"'{base}'), or pass the checkpoint file's path."
     )
-
-
-def wandb_credentials() -> bool:
-    """Whether W&B can log in without asking: WANDB_API_KEY, or a key stored by ``wandb login`` (~/.netrc)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        import netrc
-
-        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
-        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def wandb_wanted(mode: str) -> str | None:
-    """The W&B mode for --wandb; never one that prompts.
-
-    auto: online with credentials (WANDB_API_KEY or ``wandb login``), otherwise offline (``wandb sync`` the
-    run directory later); off when WANDB_MODE=disabled. online without credentials falls back to offline
-    with a warning. disabled: no W&B logger. The CSV logger is always on.
-    """
-    env = os.environ.get("WANDB_MODE", "").lower()
-    if mode == "disabled" or (mode == "auto" and env == "disabled"):
-        return None
-    if mode == "auto":
-        return "offline" if env in ("offline", "dryrun") or not wandb_credentials() else "online"
-    if mode == "online" and not wandb_credentials():
-        log.warning("--wandb online: no W&B credentials (WANDB_API_KEY or `wandb login`); logging offline instead.")
-        return "offline"
-    return mode
 
 
 def explicit_keys(args: list[str], prefix: str) -> set[str]:
