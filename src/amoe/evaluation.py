@@ -83,7 +83,7 @@ class TestCollector:
                 "map_norm test_minmax under DDP normalises each class with the min/max of this rank's share "
                 "of it, so the metrics differ from a 1-device run; use --trainer.devices 1 for parity runs."
             )
-        spro = dataset == "mvtec_loco"  # the name MVTecLOCO reports
+        spro = dataset in ("mvtec_loco", "unified")  # MVTec LOCO, alone or as part of a unified run
         self.evaluator = DatasetEvaluator(
             dataset, pixel=True, aupro=True, spro=spro, eval_size=model.config.eval_size,
             spill_dir=shard_dir if self.distributed else None, rank=rank, distributed=self.distributed,

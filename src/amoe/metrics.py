@@ -802,7 +802,7 @@ class DatasetEvaluator:
             part = _Part()
             for prefix in self._spilled[cls]:
                 part.extend(_load_part(prefix))
-        self._results[cls] = self._class_metrics(_dedupe(part))
+        self._results[cls] = self._class_metrics(_dedupe(part), cls)
 
     def compute(self) -> dict[str, dict]:
         """Finalize the open class; -> {"per_class": {cls: {metric: float}}, "mean": {metric: float}}."""
@@ -811,7 +811,7 @@ class DatasetEvaluator:
                 "distributed=True: call dump() on every rank and compute_from_dumps() on rank 0"
             )
         self._close()
-        return _summary({c: self._results[c] for c in self._order})
+        return _summary({c: self._results[c] for c in self._order}, self.class_dataset if self.dataset == "unified" else None)
 
     # ---- DDP ---------------------------------------------------------------------------------------
 
@@ -872,22 +872,29 @@ class DatasetEvaluator:
             for prefix in parts.get(c, []):
                 part.extend(_load_part(prefix))
             if len(part):
-                results[c] = ev._class_metrics(_dedupe(part))
-        return _summary(results)
+                results[c] = ev._class_metrics(_dedupe(part), c)
+        return _summary(results, ev.class_dataset if ev.dataset == "unified" else None)
 
     # ---- metrics of one class ----------------------------------------------------------------------
 
-    def _class_metrics(self, part: _Part) -> dict[str, float]:
+    def class_dataset(self, cls: str) -> str:
+        """The dataset a class belongs to: the ``<dataset>/`` prefix of a unified (multi-dataset) run."""
+        if self.dataset == "unified" and "/" in cls:
+            return cls.split("/", 1)[0]
+        return self.dataset
+
+    def _class_metrics(self, part: _Part, cls: str) -> dict[str, float]:
         scores, labels = np.concatenate(part.scores), np.concatenate(part.labels)
+        dataset = self.class_dataset(cls).lower()
         out = binary_metrics(scores, labels, prefix="image_")
         out.update(_level_aurocs(scores, labels, part.levels))
-        if self.dataset.lower() == "ped2":
+        if dataset == "ped2":
             out["frame_auroc"] = out["image_auroc"]
         if self.pixel and part.maps:
             neg, pos, sizes = _split_pixels(part.maps, part.masks, regions=self.aupro)
             out.update(_pixel_split_metrics(neg, pos, sizes if self.aupro else None, self.fpr_limit))
             del neg, pos
-        if self.spro:
+        if self.spro and (self.dataset != "unified" or dataset == "mvtec_loco"):  # unified: the LOCO classes
             out.update(self._spro_metrics(part, labels))
         return out
 
@@ -957,13 +964,25 @@ def _resize_bilinear(low: np.ndarray, h: int, w: int) -> np.ndarray:
     return cv2.resize(low, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def _summary(results: dict[str, dict[str, float]]) -> dict[str, dict]:
-    """Per-class results -> {"per_class": ..., "mean": unweighted mean over the classes having a key}."""
+def _class_mean(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Unweighted mean over the classes that have each metric."""
     keys: list[str] = []
     for r in results.values():
         keys += [k for k in r if k not in keys]
-    mean = {k: float(np.mean([r[k] for r in results.values() if k in r])) for k in keys}
-    return {"per_class": results, "mean": mean}
+    return {k: float(np.mean([r[k] for r in results.values() if k in r])) for k in keys}
+
+
+def _summary(results: dict[str, dict[str, float]], dataset_of: Callable[[str], str] | None = None) -> dict[str, dict]:
+    """Per-class results -> {"per_class": ..., "mean": unweighted mean over the classes having a key}; with
+    ``dataset_of`` (a unified run) also "per_dataset": {dataset: the mean over that dataset's classes} — the
+    paper's Table 1 protocol (one model, each dataset its own class mean)."""
+    out = {"per_class": results, "mean": _class_mean(results)}
+    if dataset_of is not None:
+        groups: dict[str, dict[str, dict[str, float]]] = {}
+        for cls, r in results.items():
+            groups.setdefault(dataset_of(cls), {})[cls] = r
+        out["per_dataset"] = {d: _class_mean(g) for d, g in groups.items()}
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
