@@ -51,11 +51,12 @@ fit: install  ## fit only
 evaluate: install  ## test the latest checkpoint of DATASET
 	$(AMOE) test $(CONFIGS) $(ROOT_ARG) --ckpt_path last $(ARGS)
 
-reproduce: install  ## Table 1: fit+test the paper setting on every dataset present -> results/table1.md  [DATA_DIR=data] [SMOKE=1] [ARGS=...]
-	$(AMOE) reproduce $(if $(SMOKE),--smoke,) $(if $(DATA_DIR),--data-dir $(DATA_DIR),) $(if $(ARGS),-- $(ARGS),)
+reproduce: install  ## Table 1, the paper's protocol: ONE model on every dataset present -> results/table1.{md,json}  [DATA_DIR=data] [SMOKE=1] [PROTOCOL=per_dataset] [ARGS=...]
+	$(AMOE) reproduce $(if $(SMOKE),--smoke,) $(if $(PROTOCOL),--protocol $(PROTOCOL),) $(if $(DATA_DIR),--data-dir $(DATA_DIR),) $(if $(ARGS),-- $(ARGS),)
 
-ablations: install  ## Tables 2-3 on DATASET (synthetic default): six runs, one W&B group -> results/ablations_$(DATASET).md  [SMOKE=1]
-	$(AMOE) ablations --dataset $(DATASET) $(if $(SMOKE),--smoke,) $(if $(DATA_ROOT),--data-root $(DATA_ROOT),) $(if $(ARGS),-- $(ARGS),)
+ABLATION_DATASET := $(if $(filter command line environment override,$(origin DATASET)),$(DATASET),all)
+ablations: install  ## Tables 2-3 under the same protocol (DATASET=all default | one dataset | synthetic) -> results/ablations_<DATASET>.{md,json,csv} + ablations.html  [SMOKE=1]
+	$(AMOE) ablations --dataset $(ABLATION_DATASET) $(if $(SMOKE),--smoke,) $(if $(DATA_DIR),--data-dir $(DATA_DIR),) $(if $(DATA_ROOT),--data-root $(DATA_ROOT),) $(if $(ARGS),-- $(ARGS),)
 
 bench: install  ## speed benchmark: dense vs sparse experts, matmul-peak utilisation (prints JSON)
 	$(AMOE) bench $(ARGS)

@@ -1,140 +1,118 @@
-"""amoe reproduce (Table 1) and amoe ablations (Tables 2 and 3): configs, missing datasets, tables; the slow
-tests run both end to end at smoke size (tiny trees in the real layouts, tiny encoder, CPU)."""
+"""amoe reproduce (Table 1): the paper's values, table1.md / table1.json, missing datasets; the smoke run
+trains ONE model on the eight tiny trees (the paper's single-model protocol) end to end."""
 
-import re
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from amoe import ablations, reproduce
+from amoe import reproduce, runner
 from amoe.cli import main
-from amoe.model import AnomalyMoE, AnomalyMoEConfig
-from data_modules import DATAMODULES
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def resolved(configs: list[str], capsys, *extra: str) -> dict:
-    with pytest.raises(SystemExit) as e:
-        main(["fit", *[a for c in configs for a in ("--config", c)], *extra, "--print_config"])
-    assert e.value.code == 0
-    return yaml.safe_load(capsys.readouterr().out)
-
-
-BASES = {
-    "synthetic": ["experiments/synthetic.yaml"],
-    "smoke": ["experiments/smoke.yaml"],
-    "paper+visa": ["experiments/paper.yaml", "experiments/visa.yaml"],
-}
-EXPECT = {  # (patch, component, global) expert counts as a fraction of the base, ESB, EIR
-    "patch": ((1, 0, 0), True, True),
-    "patch_component": ((1, 1, 0), True, True),
-    "patch_global": ((1, 0, 1), True, True),
-    "all": ((1, 1, 1), True, True),
-    "no_esb": ((1, 1, 1), False, True),
-    "no_eir": ((1, 1, 1), True, False),
+PAPER = {  # Table 1 of the paper (../shared/reference/PAPER_TABLES.md), AnomalyMoE's row
+    "mvtec_ad": (99.5, 97.7), "visa": (98.1, 99.0), "mvtec_loco": (87.5, 82.2), "brainmri": (92.1, 97.3),
+    "liverct": (71.1, 97.2), "resc": (92.2, 96.0), "mvtec_3d": (87.2, 98.9), "ped2": (97.1, 98.4),
 }
 
 
-def test_the_six_ablations_are_the_papers():
-    assert [v[0] for v in ablations.VARIANTS] == list(EXPECT)
-    assert sorted(p.stem for p in (REPO / "experiments" / "ablations").glob("*.yaml")) == sorted(EXPECT)
+def cells(text: str, first: str) -> list[list[str]]:
+    """The rows of the markdown table whose header starts with ``first`` (cells stripped)."""
+    lines = text.splitlines()
+    start = next(i for i, r in enumerate(lines) if r.startswith(f"| {first}"))
+    rows = []
+    for r in lines[start + 2 :]:
+        if not r.startswith("|"):
+            break
+        rows.append([c.strip() for c in r.strip("|").split("|")])
+    return rows
 
 
-@pytest.mark.parametrize("base", list(BASES))
-def test_every_ablation_yaml_instantiates_with_the_base_config(base, capsys):
-    ref = AnomalyMoEConfig(**resolved(BASES[base], capsys)["model"]["config"])
-    for name, (groups, esb, eir) in EXPECT.items():
-        files = [*BASES[base], f"experiments/ablations/{name}.yaml"]
-        cfg = AnomalyMoEConfig(**resolved(files, capsys)["model"]["config"])
-        cap = ablations.capped_top_k(files)  # what the runner passes when a subset has fewer experts than top_k
-        assert cap == (cfg.num_experts if cfg.top_k > cfg.num_experts else None), name
-        if cap:
-            cfg.top_k = cap
-        cfg.validate()
-        counts = (cfg.num_patch_experts, cfg.num_component_experts, cfg.num_global_experts)
-        full = (ref.num_patch_experts, ref.num_component_experts, ref.num_global_experts)
-        assert counts == tuple(g * n for g, n in zip(groups, full)), name
-        assert (cfg.use_esb, cfg.use_eir) == (esb, eir), name
-        assert cfg.top_k == min(ref.top_k, cfg.num_experts) and cfg.encoder == ref.encoder, name  # nothing else changes
-        if base == "smoke":
-            AnomalyMoE(cfg)  # and the model builds
+def test_the_paper_table_holds_the_papers_numbers():
+    data = yaml.safe_load((REPO / "experiments" / "paper_table1.yaml").read_text())
+    assert {n: (v["image_auroc"], v["pixel_auroc"]) for n, v in data["datasets"].items()} == PAPER
+    assert "Table 1" in data["source"]
 
 
-@pytest.mark.parametrize("name", reproduce.DATASETS)
-def test_smoke_overlay_layers_over_every_dataset_config(name, tmp_path, capsys):
-    """paper.yaml + <dataset>.yaml + the smoke overlay: the dataset's module with the smoke sizes, one CPU."""
-    overlay = reproduce.smoke_overlay(str(tmp_path / "overlay.yaml"))
-    cfg = resolved(["experiments/paper.yaml", f"experiments/{name}.yaml", overlay], capsys)
-    assert cfg["trainer"]["devices"] == 1 and cfg["trainer"]["strategy"] == "auto" and cfg["trainer"]["max_steps"] == 4
-    assert cfg["model"]["config"]["pretrained"] is False and cfg["model"]["config"]["img_size"] == 56
-    assert cfg["data"]["class_path"] == reproduce.data_config(name)[0]
-    init = cfg["data"]["init_args"]
-    assert init["crop_size"] == 56 and init["num_workers"] == 0 and init.get("classes") is None
+def test_tables_2_and_3_hold_the_papers_numbers():
+    t2 = yaml.safe_load((REPO / "experiments" / "paper_table2.yaml").read_text())["settings"]
+    t3 = yaml.safe_load((REPO / "experiments" / "paper_table3.yaml").read_text())["settings"]
+    assert set(t2) == {"patch", "patch_component", "patch_global"} and set(t3) == {"no_esb", "no_eir"}
+    assert all("liverct" not in v for v in t2.values())  # the paper's Table 2 has no LiverCT column
+    assert t2["patch_component"]["mvtec_3d"] == {"image_auroc": 85.9, "pixel_auroc": 85.8}
+    assert t3["no_eir"]["mvtec_loco"] == {"image_auroc": 85.6, "pixel_auroc": 92.0}  # as printed (likely a typo)
+    assert t3["no_esb"]["liverct"] == {"image_auroc": 69.3, "pixel_auroc": 97.1}
 
 
-def test_missing_datasets_are_listed_with_their_download_pages(tmp_path):
-    roots = {n: reproduce.default_root(n, str(tmp_path)) for n in reproduce.DATASETS}
-    assert roots["visa"] == str(tmp_path / "VisA") and roots["brainmri"] == str(tmp_path / "BMAD" / "BrainMRI")
-    present, missing = reproduce.check_roots(reproduce.DATASETS, roots)
-    assert not present and list(missing) == list(reproduce.DATASETS)
-    for name, msg in missing.items():
-        assert DATAMODULES[name].download_page in msg and roots[name] in msg
+def test_dataset_entry_puts_the_paper_next_to_ours_with_the_delta():
+    run = {"metrics": {"image_auroc": 0.9512, "pixel_auroc": 0.981, "pixel_aupro": 0.9, "frame_auroc": float("nan")},
+           "classes": ["a"], "results_dir": "r", "checkpoint": "c.ckpt", "error": None}
+    e = reproduce.dataset_entry("visa", run, None, {"image_auroc": 98.1, "pixel_auroc": 99.0})
+    assert (e["status"], e["image_auroc"], e["pixel_auroc"]) == ("ok", 95.12, 98.1)
+    assert (e["delta_image_auroc"], e["delta_pixel_auroc"]) == (-2.98, -0.9)
+    assert e["pixel_aupro"] == 90.0 and e["frame_auroc"] is None
+    missing = reproduce.dataset_entry("ped2", None, "root 'x' not found; download: y", {"image_auroc": 97.1})
+    assert missing["status"] == "missing" and missing["paper_image_auroc"] == 97.1 and missing["image_auroc"] is None
+    failed = reproduce.dataset_entry("resc", {"metrics": None, "error": "amoe fit exited with 1"}, None, {})
+    assert failed["status"] == "failed" and "exited" in failed["error"]
 
 
-def test_reproduce_without_data_writes_a_table_of_missing_rows(tmp_path, capsys):
+def test_reproduce_without_data_lists_every_dataset_as_missing(tmp_path):
     code = main(["reproduce", "--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "res"),
                  "--work", str(tmp_path / "runs")])
     assert code == 1  # nothing to run
     text = (tmp_path / "res" / "table1.md").read_text()
-    rows = [r for r in text.splitlines() if r.startswith("| ") and not r.startswith("| Dataset")]
-    assert len(rows) == 8 and all("| missing |" in r for r in rows)
+    rows = cells(text, "Dataset")
+    assert len(rows) == 8 and all(r[1] == "missing" and r[4] == "missing" for r in rows)
+    assert [r[2] for r in rows] == [f"{PAPER[n][0]:.1f}" for n in runner.DATASETS]
     assert "mvtec.com/company/research/datasets/mvtec-ad" in text and "svcl.ucsd.edu" in text
+    table = json.loads((tmp_path / "res" / "table1.json").read_text())
+    assert table["protocol"] == "single_model" and table["checkpoints"] == [] and len(table["missing"]) == 8
 
 
-def test_table1_puts_the_paper_next_to_ours_with_the_delta():
-    runs = {"visa": {"result": {"mean": {"image_auroc": 0.9512, "pixel_auroc": 0.981}}, "results_dir": "r", "error": None}}
-    paper = {"visa": {"image_auroc": 96.0, "pixel_auroc": None}}
-    text = reproduce.table1(runs, {"ped2": "root 'x' not found; download: y"}, paper, "src", "# T")
-    assert "| VisA | 95.1 | 96.0 | -0.9 | 98.1 | – | – | `r` |" in text
-    assert "| Ped2 | missing |" in text and "- Ped2: root 'x' not found; download: y" in text
-
-
-def test_the_paper_table_file_holds_no_invented_numbers():
-    data = yaml.safe_load((REPO / "experiments" / "paper_table1.yaml").read_text())
-    assert set(data["datasets"]) == set(reproduce.DATASETS)
-    for name, vals in data["datasets"].items():
-        for v in vals.values():
-            assert v is None or (isinstance(v, int | float) and 0 <= v <= 100), name
-    assert data["source"]
-
-
-def _rows(text: str) -> list[list[str]]:
-    head = text.split("\n\nOther metrics")[0]
-    return [[c.strip() for c in r.strip("|").split("|")] for r in head.splitlines()
-            if r.startswith("| ") and not r.startswith("| Dataset")]
-
-
-@pytest.mark.slow
-def test_reproduce_smoke_fills_every_row(tmp_path):
+def test_reproduce_smoke_trains_one_model_on_the_eight_trees(tmp_path):
+    """The paper's protocol at smoke size: ONE fit on the unified module over the eight tiny trees, each
+    dataset its own class mean, LOCO with sPRO and the logical/structural split, Ped2 with frame AUROC."""
     code = main(["reproduce", "--smoke", "--out", str(tmp_path / "res"), "--work", str(tmp_path / "runs")])
     text = (tmp_path / "res" / "table1.md").read_text()
     assert code == 0, text
-    rows = _rows(text)
-    assert [r[0] for r in rows] == [reproduce.LABELS[n] for n in reproduce.DATASETS]
-    for r in rows:
-        assert re.fullmatch(r"\d+\.\d", r[1]) and re.fullmatch(r"\d+\.\d", r[4]), r
-    for name in reproduce.DATASETS:
-        assert (tmp_path / "res" / name / "latest" / "metrics.json").is_file()
+    table = json.loads((tmp_path / "res" / "table1.json").read_text())
+    assert table["protocol"] == "single_model" and table["smoke"] is True
+    assert len(table["checkpoints"]) == 1 and Path(table["checkpoints"][0]).is_file()
+    assert list(table["datasets"]) == list(runner.DATASETS) and table["trained_on"] == list(runner.DATASETS)
+    metrics = json.loads((tmp_path / "res" / "unified" / "latest" / "metrics.json").read_text())
+    for name, e in table["datasets"].items():
+        assert e["status"] == "ok", (name, e)
+        assert (e["paper_image_auroc"], e["paper_pixel_auroc"]) == PAPER[name]
+        assert 0 <= e["image_auroc"] <= 100 and 0 <= e["pixel_auroc"] <= 100
+        ours = metrics["per_dataset"][name]  # the dataset's own class mean, not the 46-class mean
+        assert e["image_auroc"] == round(100 * ours["image_auroc"], 2)
+        assert e["classes"] and all(f"{name}/{c}" in metrics["per_class"] for c in e["classes"])
+    loco, ped2 = table["datasets"]["mvtec_loco"], table["datasets"]["ped2"]
+    assert loco["image_auroc_logical"] is not None and loco["pixel_auspro_0.05"] is not None
+    assert ped2["frame_auroc"] is not None and table["datasets"]["visa"].get("frame_auroc") is None
+    assert set(table["gate_mass"]) == set(runner.DATASETS)
+    rows = cells(text, "Dataset")
+    assert [r[0] for r in rows] == [runner.label(n) for n in runner.DATASETS]
+    assert "ONE model trained on 8 of 8 datasets" in text and "Not the paper's protocol" not in text
+
+
+def test_fewer_datasets_say_it_is_not_the_papers_protocol(tmp_path):
+    code = main(["reproduce", "--smoke", "--datasets", "visa,ped2", "--out", str(tmp_path / "res"),
+                 "--work", str(tmp_path / "runs")])
+    assert code == 0
+    text = (tmp_path / "res" / "table1.md").read_text()
+    assert "ONE model trained on 2 of 8 datasets" in text
+    table = json.loads((tmp_path / "res" / "table1.json").read_text())
+    assert list(table["datasets"]) == ["visa", "ped2"] and len(table["checkpoints"]) == 1
 
 
 @pytest.mark.slow
-def test_ablations_smoke_fill_tables_2_and_3(tmp_path):
-    code = main(["ablations", "--smoke", "--dataset", "synthetic", "--out", str(tmp_path / "res"),
-                 "--work", str(tmp_path / "runs")])
-    text = (tmp_path / "res" / "ablations_synthetic.md").read_text()
-    assert code == 0, text
-    rows = [r for r in text.splitlines() if r.startswith("| ") and ("✓" in r or r.startswith("| w/o") or "ESB + EIR" in r)]
-    assert len(rows) == 7  # 4 rows of Table 2, 3 of Table 3
-    assert all("failed" not in r and re.search(r"\| \d+\.\d \|", r) for r in rows), rows
+def test_reproduce_per_dataset_protocol_trains_one_model_each(tmp_path):
+    code = main(["reproduce", "--smoke", "--protocol", "per_dataset", "--datasets", "visa,mvtec_loco",
+                 "--out", str(tmp_path / "res"), "--work", str(tmp_path / "runs")])
+    assert code == 0
+    table = json.loads((tmp_path / "res" / "table1.json").read_text())
+    assert table["protocol"] == "per_dataset" and len(table["checkpoints"]) == 2
+    assert "One model PER DATASET" in (tmp_path / "res" / "table1.md").read_text()

@@ -133,6 +133,7 @@ class AmoeCLI(LightningCLI):
         )
         parser.add_argument("--wandb_project", default="amoe", help="W&B project name.")
         parser.add_argument("--wandb_group", default=None, help="W&B group (e.g. one ablation set).")
+        parser.add_argument("--wandb_tags", default=None, help="W&B tags, comma-separated (e.g. setting and dataset).")
         parser.add_argument(
             "--threshold", type=float | None, default=None,
             help="predict only: image-score threshold for 'anomalous' (default: the checkpoint's, calibrated on "
@@ -256,6 +257,7 @@ class AmoeCLI(LightningCLI):
                     WandbLogger(
                         project=cfg.wandb_project, group=cfg.wandb_group, save_dir=self.run_dir,
                         offline=mode == "offline", name=os.path.basename(self.run_dir), job_type=self.subcommand,
+                        tags=[t for t in (cfg.wandb_tags or "").split(",") if t] or None,
                     )
                 )
             kwargs["logger"] = loggers

@@ -1,327 +1,216 @@
-"""``amoe reproduce``: the paper's Table 1 (unified setting, one model per dataset) on every dataset present.
+"""``amoe reproduce``: the paper's Table 1 under its own protocol, on every dataset present.
 
-For each of the eight benchmark datasets it checks the root (``experiments/<dataset>.yaml``, or under
-``--data-dir``), lists the missing ones with their download pages, then trains and tests the paper setting
-(``experiments/paper.yaml`` + ``experiments/<dataset>.yaml``) on each present one — every run is a separate
-``amoe fit`` / ``amoe test`` process, so DDP (``devices: 4``) launches its workers as usual — and writes
-``table1.md``: our Image/Pixel AUROC next to the paper's (``experiments/paper_table1.yaml``) with the delta.
+Default ``--protocol single_model`` (Table 1's caption: "under the unified, single-model setting"): ONE
+``amoe fit`` of ``experiments/paper.yaml`` on :class:`data_modules.unified.Unified` over every dataset
+present (each configured as in ``experiments/<dataset>.yaml``), then one ``amoe test`` that evaluates each
+dataset separately: its own unweighted class mean, MVTec LOCO with AU-sPRO and the logical/structural split,
+Ped2 with frame AUROC, MVTec 3D with the configured modality. ``--protocol per_dataset`` trains one model per
+dataset instead (a documented variant, not the paper's protocol).
 
-``--smoke`` runs the same path on tiny trees in the real layouts (:mod:`amoe.fixture_trees`) with the tiny
-encoder of ``experiments/smoke.yaml`` on one CPU, in minutes; its table goes to ``results/smoke/table1.md``.
+Missing datasets are listed with their download pages and the model is trained on the ones present; the
+table's header then says that a model trained on fewer datasets is not the paper's protocol.
 
-Extra arguments after ``--`` go to every ``amoe fit`` / ``amoe test`` call (e.g. ``-- --trainer.devices 1``).
+Outputs (``results/``, or ``results/smoke/`` with ``--smoke``): ``table1.md`` (ours, paper, Δ per dataset
+for Image and Pixel AUROC, then every other metric and the router's gate mass per group, Fig. 4) and
+``table1.json`` (values in %, as in the paper). ``--smoke`` runs the same path on tiny trees in the real
+layouts (:mod:`amoe.fixture_trees`) with the tiny encoder of ``experiments/smoke.yaml`` on one CPU.
+
+Arguments after ``--`` go to every ``amoe fit`` / ``amoe test`` call (e.g. ``-- --trainer.devices 1``).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
+
+from amoe import runner
+from amoe.runner import DATASETS, label
+from amoe.wandb_mode import wandb_wanted
 
 log = logging.getLogger("amoe.reproduce")
 
-DATASETS = ("mvtec_ad", "visa", "mvtec_loco", "brainmri", "liverct", "resc", "mvtec_3d", "ped2")
-LABELS = {
-    "mvtec_ad": "MVTec AD", "visa": "VisA", "mvtec_loco": "MVTec LOCO", "brainmri": "BrainMRI",
-    "liverct": "LiverCT", "resc": "RESC", "mvtec_3d": "MVTec 3D-AD", "ped2": "Ped2", "synthetic": "synthetic",
-}
-EXPERIMENTS = "experiments"
-PAPER_CONFIG = os.path.join(EXPERIMENTS, "paper.yaml")
-SMOKE_CONFIG = os.path.join(EXPERIMENTS, "smoke.yaml")
-PAPER_TABLE = os.path.join(EXPERIMENTS, "paper_table1.yaml")
-SMOKE_DATA_KEYS = ("image_size", "crop_size", "batch_size", "eval_batch_size", "num_workers")
-
-
-# --- configuration ---------------------------------------------------------------------------------
-def data_config(name: str) -> tuple[str, dict[str, Any]]:
-    """(class_path, init_args) of ``experiments/<name>.yaml``."""
-    with open(os.path.join(EXPERIMENTS, f"{name}.yaml")) as f:
-        cfg = yaml.safe_load(f)
-    return cfg["data"]["class_path"], dict(cfg["data"].get("init_args") or {})
-
-
-def datamodule(name: str, root: str | None = None):
-    """The data module of ``experiments/<name>.yaml`` (cheap: nothing is read), with ``root`` if given."""
-    class_path, init = data_config(name)
-    module, _, cls = class_path.rpartition(".")
-    if root is not None:
-        init["root"] = root
-    return getattr(importlib.import_module(module), cls)(**init)
-
-
-def default_root(name: str, data_dir: str | None = None) -> str:
-    """The dataset's root: the one in its config, moved under ``data_dir`` when given (data/X -> DIR/X)."""
-    root = data_config(name)[1].get("root") or datamodule(name).root
-    return os.path.join(data_dir, os.path.relpath(root, "data")) if data_dir else root
-
-
-def check_roots(names, roots: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """-> (present {name: root}, missing {name: message naming the root, layout and download page})."""
-    from data_modules.base import DataError
-
-    present, missing = {}, {}
-    for name in names:
-        dm = datamodule(name, roots[name])
-        try:
-            dm.check_root()
-            present[name] = roots[name]
-        except DataError:
-            missing[name] = f"root '{dm.root}' not found; download: {dm.download_page}"
-    return present, missing
-
-
-def smoke_overlay(path: str) -> str:
-    """A config with the trainer, model and data sizes of experiments/smoke.yaml (not its data module),
-    layered over paper.yaml + <dataset>.yaml: the tiny encoder on one CPU."""
-    with open(SMOKE_CONFIG) as f:
-        smoke = yaml.safe_load(f)
-    trainer = dict(smoke["trainer"], strategy="auto", devices=1, accelerator="cpu")
-    trainer.pop("default_root_dir", None)
-    data = {k: v for k, v in smoke["data"]["init_args"].items() if k in SMOKE_DATA_KEYS}
-    overlay = {"seed_everything": smoke.get("seed_everything", 0), "trainer": trainer, "model": smoke["model"],
-               "data": {"init_args": data}}
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        f.write("# Generated by amoe reproduce/ablations --smoke from experiments/smoke.yaml (trainer, model, data sizes).\n")
-        yaml.safe_dump(overlay, f, sort_keys=False)
-    return path
-
-
-def paper_table() -> tuple[dict[str, dict[str, float | None]], str]:
-    """The paper's Table 1 values (percent; None where unknown) and their source note."""
-    with open(PAPER_TABLE) as f:
-        data = yaml.safe_load(f)
-    return data.get("datasets") or {}, str(data.get("source", "")).strip()
-
-
-# --- running -------------------------------------------------------------------------------------------
-def run_amoe(args: list[str], log_path: str, env: dict[str, str] | None = None) -> int:
-    """One ``amoe`` command as its own process (so a DDP launcher re-runs only this command); output to log_path."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    cmd = [sys.executable, "-m", "amoe.cli", *args]
-    with open(log_path, "w") as f:
-        f.write("$ amoe " + " ".join(args) + "\n")
-        f.flush()
-        env = dict(os.environ if env is None else env)
-        env.pop("AMOE_RUN_DIR", None)
-        env.pop("LOCAL_RANK", None)
-        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-
-
-def fit_and_test(
-    name: str, configs: list[str], root: str | None, work: str, results_root: str, run_name: str,
-    extra: list[str], label: str | None = None,
-) -> dict[str, Any]:
-    """``amoe fit`` then ``amoe test --ckpt_path last``; -> {"result", "results_dir", "log", "error"}."""
-    label = label or name
-    base = [*configs, *(["--data.root", root] if root else []), "--trainer.default_root_dir", work,
-            "--model.results_root", results_root]
-    logs = os.path.join(work, "logs")
-    out: dict[str, Any] = {"result": None, "results_dir": None, "error": None}
-    t0 = time.time()
-    for sub, args in (("fit", []), ("test", ["--ckpt_path", "last", "--model.run_name", run_name])):
-        log_path = os.path.join(logs, f"{sub}.log")
-        out["log"] = log_path
-        log.info("%s: amoe %s … (log: %s)", label, sub, log_path)
-        rc = run_amoe([sub, *base, *args, *extra], log_path)
-        if rc != 0:
-            out["error"] = f"amoe {sub} exited with {rc}; see {log_path}"
-            log.error("%s: %s", label, out["error"])
-            return out
-    results = latest_results(results_root, name)
-    if results is None:
-        out["error"] = f"no metrics.json under {results_root}/{name}; see {out['log']}"
-        return out
-    out["results_dir"] = results
-    with open(os.path.join(results, "metrics.json")) as f:
-        out["result"] = json.load(f)
-    out["seconds"] = time.time() - t0
-    log.info("%s: done in %.0f s -> %s", label, out["seconds"], results)
-    return out
-
-
-def latest_results(results_root: str, name: str) -> str | None:
-    link = os.path.join(results_root, name, "latest")
-    path = os.path.realpath(link)
-    return path if os.path.isfile(os.path.join(path, "metrics.json")) else None
-
-
-# --- tables --------------------------------------------------------------------------------------------
-def pct(v: Any) -> str:
-    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * float(v):.1f}"
-
-
-def num(v: Any) -> str:
-    return "–" if v is None else f"{float(v):.1f}"
-
-
-def delta(ours: Any, paper: Any) -> str:
-    if ours is None or paper is None or (isinstance(ours, float) and not math.isfinite(ours)):
-        return "–"
-    return f"{100 * float(ours) - float(paper):+.1f}"
-
-
-EXTRA_METRICS = (
-    ("pixel_aupro", "AUPRO"), ("image_ap", "I-AP"), ("pixel_ap", "P-AP"), ("image_auroc_logical", "I-AUROC logical"),
-    ("image_auroc_structural", "I-AUROC structural"), ("pixel_auspro_0.05", "AU-sPRO@0.05"), ("frame_auroc", "frame AUROC"),
+PAPER_TABLE = os.path.join(runner.EXPERIMENTS, "paper_table1.yaml")
+OTHER_METRICS = (  # (metrics.json key, column) of the second table
+    ("pixel_aupro", "AUPRO"), ("image_ap", "I-AP"), ("pixel_ap", "P-AP"), ("image_f1max", "I-F1max"),
+    ("pixel_f1max", "P-F1max"), ("image_auroc_logical", "I-AUROC logical"),
+    ("image_auroc_structural", "I-AUROC structural"), ("pixel_auspro_0.05", "AU-sPRO@0.05"),
+    ("frame_auroc", "frame AUROC"),
 )
 
 
-def table1(runs: dict[str, dict[str, Any]], missing: dict[str, str], paper: dict, source: str, header: str) -> str:
-    """Markdown: one row per dataset (ours, the paper's, delta for Image and Pixel AUROC), then the other
-    metrics we compute, the missing datasets and where the paper's numbers come from."""
-    lines = [header, "", "| Dataset | I-AUROC (ours) | I-AUROC (paper) | Δ | P-AUROC (ours) | P-AUROC (paper) | Δ | results |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name in [n for n in DATASETS if n in runs or n in missing]:
-        p = paper.get(name) or {}
-        if name in missing:
-            lines.append(f"| {LABELS[name]} | missing | {num(p.get('image_auroc'))} | – | missing | "
-                         f"{num(p.get('pixel_auroc'))} | – | – |")
-            continue
-        run = runs[name]
-        if run["result"] is None:
-            lines.append(f"| {LABELS[name]} | failed | {num(p.get('image_auroc'))} | – | failed | "
-                         f"{num(p.get('pixel_auroc'))} | – | {run['error']} |")
-            continue
-        m = run["result"]["mean"]
-        lines.append(
-            f"| {LABELS[name]} | {pct(m.get('image_auroc'))} | {num(p.get('image_auroc'))} | "
-            f"{delta(m.get('image_auroc'), p.get('image_auroc'))} | {pct(m.get('pixel_auroc'))} | "
-            f"{num(p.get('pixel_auroc'))} | {delta(m.get('pixel_auroc'), p.get('pixel_auroc'))} | `{run['results_dir']}` |"
-        )
-    done = {n: r for n, r in runs.items() if r["result"] is not None}
-    if done:
-        lines += ["", "Other metrics (ours, mean over classes, %):", "",
-                  "| Dataset | " + " | ".join(lbl for _, lbl in EXTRA_METRICS) + " |",
-                  "|---|" + "---|" * len(EXTRA_METRICS)]
-        for name in [n for n in DATASETS if n in done]:
-            m = done[name]["result"]["mean"]
-            lines.append(f"| {LABELS[name]} | " + " | ".join(pct(m.get(k)) for k, _ in EXTRA_METRICS) + " |")
+def paper_values(path: str = PAPER_TABLE, key: str = "datasets") -> tuple[dict[str, dict[str, float]], str]:
+    """The paper's values ({dataset: {"image_auroc": %, "pixel_auroc": %}}) of a ``paper_table*.yaml`` and
+    their source note."""
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    return data.get(key) or {}, str(data.get("source", "")).strip()
+
+
+def percent(v: Any) -> float | None:
+    """A metric (fraction) in % rounded to 0.01, or None when absent / not finite."""
+    if v is None or not math.isfinite(float(v)):
+        return None
+    return round(100.0 * float(v), 2)
+
+
+def dataset_entry(name: str, run: dict[str, Any] | None, missing: str | None, paper: dict[str, float]) -> dict[str, Any]:
+    """One dataset of ``table1.json``: ours and the paper's Image/Pixel AUROC (%), their difference, every
+    other metric (%), the classes, where the results are, and ``status`` ok | failed | missing."""
+    p_img, p_pix = paper.get("image_auroc"), paper.get("pixel_auroc")
+    entry: dict[str, Any] = {"label": label(name), "status": "missing", "image_auroc": None, "pixel_auroc": None,
+                             "paper_image_auroc": p_img, "paper_pixel_auroc": p_pix,
+                             "delta_image_auroc": None, "delta_pixel_auroc": None}
+    if missing is not None:
+        return {**entry, "error": missing}
+    metrics = run.get("metrics") if run else None
+    if not metrics:
+        return {**entry, "status": "failed", "error": (run or {}).get("error") or "no result"}
+    entry.update(status="ok", image_auroc=percent(metrics.get("image_auroc")), pixel_auroc=percent(metrics.get("pixel_auroc")))
+    for ours, paper_key in (("image_auroc", "paper_image_auroc"), ("pixel_auroc", "paper_pixel_auroc")):
+        if entry[ours] is not None and entry[paper_key] is not None:
+            entry[f"delta_{ours}"] = round(entry[ours] - float(entry[paper_key]), 2)
+    entry.update({k: percent(v) for k, v in metrics.items() if k not in ("image_auroc", "pixel_auroc")})
+    entry.update(classes=run.get("classes", []), results_dir=run.get("results_dir"), checkpoint=run.get("checkpoint"))
+    return entry
+
+
+def cell(v: Any) -> str:
+    return "–" if v is None else f"{float(v):.1f}"
+
+
+def signed(v: Any) -> str:
+    return "–" if v is None else f"{float(v):+.1f}"
+
+
+def main_frame(entries: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Table 1 as printed: one row per dataset; ours, the paper's and Δ for Image and Pixel AUROC (%)."""
+    rows = []
+    for e in entries.values():
+        status = None if e["status"] == "ok" else e["status"]
+        rows.append({
+            "Dataset": e["label"],
+            "I-AUROC ours": status or cell(e["image_auroc"]), "I-AUROC paper": cell(e["paper_image_auroc"]),
+            "I-AUROC Δ": signed(e["delta_image_auroc"]),
+            "P-AUROC ours": status or cell(e["pixel_auroc"]), "P-AUROC paper": cell(e["paper_pixel_auroc"]),
+            "P-AUROC Δ": signed(e["delta_pixel_auroc"]),
+        })
+    return pd.DataFrame(rows)
+
+
+def other_frame(entries: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Every other metric we compute (%), one row per dataset that ran; '–' where a metric does not apply."""
+    rows = [{"Dataset": e["label"], **{col: cell(e.get(k)) for k, col in OTHER_METRICS}}
+            for e in entries.values() if e["status"] == "ok"]
+    return pd.DataFrame(rows)
+
+
+def gate_frame(gates: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """Router gate mass per expert group and dataset (mean over the test images; the paper's Fig. 4)."""
+    rows = [{"Dataset": label(d), **{g: f"{v:.3f}" for g, v in m.items()}} for d, m in gates.items()]
+    return pd.DataFrame(rows)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, disable_numparse=True) if len(frame) else "(none)"
+
+
+def header(protocol: str, present: list[str], missing: dict[str, str], smoke: bool, command: str) -> str:
+    lines = [f"# Table 1 reproduction: AnomalyMoE, protocol `{protocol}`", ""]
+    if protocol == "single_model":
+        lines.append(f"ONE model trained on {len(present)} of {len(DATASETS)} datasets "
+                     f"({', '.join(label(n) for n in present) or 'none'}), each dataset evaluated separately "
+                     "(the unweighted mean over its own classes).")
+        if missing:
+            lines += ["", f"**Not the paper's protocol:** the paper trains one model on all eight datasets; "
+                          f"{', '.join(label(n) for n in missing)} {'is' if len(missing) == 1 else 'are'} missing "
+                          "(download pages below), so this model saw fewer datasets."]
+    else:
+        lines.append("One model PER DATASET (`--protocol per_dataset`): a variant, not the paper's protocol "
+                     "(Table 1 is one model for all eight datasets).")
+    if smoke:
+        lines += ["", "**Smoke run:** tiny trees in the real layouts and a tiny random encoder on one CPU; the "
+                      "numbers test the pipeline and mean nothing about the method."]
+    lines += ["", f"Command: `{command}`; {time.strftime('%Y-%m-%d %H:%M')}. Values: mean over classes, %."]
+    return "\n".join(lines)
+
+
+def table1_markdown(entries, gates, missing, checkpoints, source, head) -> str:
+    parts = [head, "", markdown(main_frame(entries)), "", "Other metrics (ours, mean over classes, %):", "",
+             markdown(other_frame(entries))]
+    if gates:
+        parts += ["", "Router gate mass per expert group (mean over test images; paper Fig. 4):", "",
+                  markdown(gate_frame(gates))]
     if missing:
-        lines += ["", "Missing datasets (not run):", ""] + [f"- {LABELS[n]}: {msg}" for n, msg in missing.items()]
-    have = [n for n in DATASETS if (paper.get(n) or {}).get("image_auroc") is not None]
-    lines += ["", f"Paper values: `{PAPER_TABLE}` — {source or 'no source given'}"]
-    if not have:
-        lines.append("None of the paper's Table 1 values is filled in, so the Δ columns are empty.")
-    return "\n".join(lines) + "\n"
+        parts += ["", "Missing datasets (not trained on, not evaluated):", ""]
+        parts += [f"- {label(n)}: {msg}" for n, msg in missing.items()]
+    if checkpoints:
+        parts += ["", "Checkpoints:", ""] + [f"- `{c}`" for c in checkpoints]
+    parts += ["", f"Paper values: `{PAPER_TABLE}` — {source or 'no source given'}."]
+    return "\n".join(parts) + "\n"
 
 
-def log_table_to_wandb(mode: str | None, project: str, group: str, name: str, markdown: str, path: str) -> None:
-    """Log a summary table (the markdown file) as its own W&B run of ``group``; never prompts, never fails."""
-    if not mode:
-        return
-    try:
-        import wandb
-
-        run = wandb.init(project=project, group=group, name=name, job_type="summary", mode=mode,
-                         dir=os.path.dirname(os.path.abspath(path)), reinit="finish_previous")
-        rows = [r for r in markdown.splitlines() if r.startswith("|") and not r.startswith("|---")]
-        cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
-        if cells:
-            width = len(cells[0])
-            run.log({name: wandb.Table(columns=cells[0], data=[c for c in cells[1:] if len(c) == width])})
-        run.summary["markdown"] = markdown
-        run.finish()
-    except Exception as e:  # pragma: no cover - W&B is optional
-        log.warning("W&B logging of %s failed (%s: %s)", path, type(e).__name__, e)
-
-
-def wandb_args(mode: str, project: str, group: str) -> list[str]:
-    return ["--wandb", mode, "--wandb_project", project, "--wandb_group", group]
-
-
-def summary_wandb_mode(mode: str) -> str | None:
-    from amoe.cli import wandb_wanted
-
-    return wandb_wanted(mode)
-
-
-# --- command line --------------------------------------------------------------------------------------
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                epilog="Arguments after -- go to every amoe fit/test call.")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny trees in the real layouts + the tiny encoder of experiments/smoke.yaml, on CPU")
-    p.add_argument("--out", default=None, help="results root (default: results, or results/smoke with --smoke)")
-    p.add_argument("--work", default=None, help="checkpoints and logs (default: runs/reproduce[_smoke])")
-    p.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
-                   help="W&B for every run (auto: online with WANDB_API_KEY, else off)")
-    p.add_argument("--wandb_project", default="amoe")
-    return p
-
-
-def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
-    if "--" in argv:
-        i = argv.index("--")
-        return argv[:i], argv[i + 1 :]
-    return argv, []
+def write_tables(out: str, result: dict[str, Any], text: str) -> tuple[str, str]:
+    os.makedirs(out, exist_ok=True)
+    md, js = os.path.join(out, "table1.md"), os.path.join(out, "table1.json")
+    with open(md, "w") as f:
+        f.write(text)
+    with open(js, "w") as f:
+        json.dump(result, f, indent=2)
+    return md, js
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv, extra = split_extra(list(sys.argv[1:] if argv is None else argv))
-    p = build_parser("amoe reproduce", "Table 1: train and test the paper setting on every dataset present.")
+    argv, extra = runner.split_extra(list(sys.argv[1:] if argv is None else argv))
+    p = runner.build_parser("amoe reproduce", "Table 1 under the paper's protocol (one model on every dataset present).")
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of: " + ", ".join(DATASETS))
-    p.add_argument("--data-dir", default=None,
-                   help="folder holding the datasets in their default places (data/<X> -> DIR/<X>); default: as in "
-                        "experiments/<dataset>.yaml")
     args = p.parse_args(argv)
-    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(DATASETS))
-    if unknown:
-        p.error(f"unknown dataset(s) {unknown}; choose from {', '.join(DATASETS)}")
-    out = args.out or os.path.join("results", "smoke" if args.smoke else "")
-    out = out.rstrip(os.sep) or "results"
+    names = runner.parse_datasets(args.datasets, p)
+    out = (args.out or os.path.join("results", "smoke" if args.smoke else "")).rstrip(os.sep) or "results"
     work = args.work or os.path.join("runs", "reproduce_smoke" if args.smoke else "reproduce")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    group = f"reproduce-{stamp}"
+    group = f"reproduce-{args.protocol}-{stamp}"
 
-    if args.smoke:
-        from amoe.fixture_trees import build_benchmark_trees
-
-        roots = {n: str(r) for n, r in build_benchmark_trees(Path(work) / "data", names).items()}
-        overlay = [smoke_overlay(os.path.join(work, "smoke_overlay.yaml"))]
-    else:
-        roots = {n: default_root(n, args.data_dir) for n in names}
-        overlay = []
-    present, missing = check_roots(names, roots)
+    roots = runner.dataset_roots(names, args.smoke, work, args.data_dir)
+    present, missing = runner.check_roots(names, roots)
     for n, msg in missing.items():
-        print(f"{LABELS[n]}: {msg}")
-    if not present:
+        print(f"{label(n)}: {msg}")
+    configs = [runner.PAPER_CONFIG]
+    if args.smoke:
+        configs.append(runner.smoke_overlay(os.path.join(work, "smoke_overlay.yaml")))
+    result: dict[str, Any] = {"protocol": args.protocol, "runs": []}
+    if present:
+        wandb = runner.wandb_args(args.wandb, args.wandb_project, group, ["reproduce", args.protocol])
+        result = runner.run_protocol(args.protocol, present, configs, work, out, f"reproduce-{stamp}",
+                                     [*wandb, *extra], "")
+    else:
         print("amoe reproduce: none of the datasets is present; nothing to run.", file=sys.stderr)
 
-    runs = {}
-    for name in [n for n in names if n in present]:
-        configs = ["--config", PAPER_CONFIG, "--config", os.path.join(EXPERIMENTS, f"{name}.yaml")]
-        configs += [a for path in overlay for a in ("--config", path)]
-        runs[name] = fit_and_test(
-            name, configs, present[name], os.path.join(work, name), out, f"reproduce-{stamp}",
-            [*wandb_args(args.wandb, args.wandb_project, group), *extra], LABELS[name],
-        )
-
-    paper, source = paper_table()
-    setting = "smoke (tiny encoder, tiny trees in the real layouts, CPU)" if args.smoke else "paper (experiments/paper.yaml)"
-    header = (f"# Table 1 reproduction: AnomalyMoE, unified setting (one model per dataset)\n\n"
-              f"Setting: {setting}; {time.strftime('%Y-%m-%d %H:%M')}; command: `amoe reproduce "
-              f"{' '.join(argv + (['--', *extra] if extra else []))}`. Values: mean over classes, %.")
-    text = table1(runs, missing, paper, source, header)
-    path = os.path.join(out, "table1.md")
-    os.makedirs(out, exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+    paper, source = paper_values()
+    runs = result.get("datasets", {})
+    entries = {n: dataset_entry(n, runs.get(n), missing.get(n), paper.get(n) or {}) for n in DATASETS if n in names}
+    checkpoints = [r["checkpoint"] for r in result["runs"] if r.get("checkpoint") and r.get("error") is None]
+    gates: dict[str, dict[str, float]] = {}
+    for r in result["runs"]:
+        gates.update(runner.gate_mass(r.get("results_dir")))
+    command = "amoe reproduce " + " ".join(argv + (["--", *extra] if extra else []))
+    head = header(args.protocol, list(present), missing, args.smoke, command.strip())
+    text = table1_markdown(entries, gates, missing, checkpoints, source, head)
+    table = {"protocol": args.protocol, "checkpoints": checkpoints, "trained_on": list(present),
+             "missing": missing, "smoke": args.smoke, "command": command.strip(), "paper_source": source,
+             "datasets": entries, "gate_mass": gates}
+    md, js = write_tables(out, table, text)
     print(text)
-    print(f"wrote {path}")
-    log_table_to_wandb(summary_wandb_mode(args.wandb), args.wandb_project, group, "table1", text, path)
-    failed = [n for n, r in runs.items() if r["result"] is None]
+    print(f"wrote {md} and {js}")
+    runner.log_table_to_wandb(wandb_wanted(args.wandb), args.wandb_project, group, "table1", main_frame(entries), md)
+    failed = [n for n, e in entries.items() if e["status"] == "failed"]
     return 1 if failed or not present else 0
 
 

@@ -1,0 +1,298 @@
+"""Runs behind ``amoe reproduce`` and ``amoe ablations``: dataset configs, ``amoe fit``/``amoe test`` as child
+processes, and the two protocols of the paper's tables.
+
+- ``single_model`` (the paper's Table 1 protocol: "under the unified, single-model setting"): ONE model is
+  trained on every dataset present (:class:`data_modules.unified.Unified`, each dataset configured as in
+  ``experiments/<dataset>.yaml``), then one test evaluates each dataset separately — its own unweighted
+  class mean (``metrics.json["per_dataset"]``), MVTec LOCO with sPRO and the logical/structural split, Ped2
+  with frame AUROC.
+- ``per_dataset``: one model per dataset (``experiments/paper.yaml`` + ``experiments/<dataset>.yaml``), a
+  documented variant, not the paper's protocol.
+
+Every run is its own ``amoe`` process, so a DDP launcher (``trainer.devices: 4``) re-runs only that command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_modules import canonical_name
+
+log = logging.getLogger("amoe.runner")
+
+DATASETS = ("mvtec_ad", "visa", "mvtec_loco", "brainmri", "liverct", "resc", "mvtec_3d", "ped2")
+PROTOCOLS = ("single_model", "per_dataset")
+EXPERIMENTS = "experiments"
+PAPER_CONFIG = os.path.join(EXPERIMENTS, "paper.yaml")
+SMOKE_CONFIG = os.path.join(EXPERIMENTS, "smoke.yaml")
+SMOKE_DATA_KEYS = ("image_size", "crop_size", "batch_size", "eval_batch_size", "num_workers")
+UNIFIED_CHILD_KEYS_DROPPED = ("root", "subset")  # the root is passed separately; the name implies the BMAD subset
+
+
+def label(name: str) -> str:
+    """The dataset's name as the paper writes it."""
+    return {
+        "mvtec_ad": "MVTec AD", "visa": "VisA", "mvtec_loco": "MVTec LOCO", "brainmri": "BrainMRI",
+        "liverct": "LiverCT", "resc": "RESC", "mvtec_3d": "MVTec 3D", "ped2": "Ped2", "synthetic": "synthetic",
+        "unified": "all datasets (one model)",
+    }.get(name, name)
+
+
+def parse_datasets(text: str, parser: argparse.ArgumentParser) -> list[str]:
+    """``--datasets a,b`` -> names (``livercT`` still accepted, with a deprecation warning)."""
+    names = [canonical_name(n.strip()) for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(DATASETS))
+    if unknown:
+        parser.error(f"unknown dataset(s) {unknown}; choose from {', '.join(DATASETS)}")
+    return names
+
+
+# --- configuration ---------------------------------------------------------------------------------
+def data_config(name: str) -> tuple[str, dict[str, Any]]:
+    """(class_path, init_args) of ``experiments/<name>.yaml``."""
+    with open(os.path.join(EXPERIMENTS, f"{name}.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    return cfg["data"]["class_path"], dict(cfg["data"].get("init_args") or {})
+
+
+def datamodule(name: str, root: str | None = None):
+    """The data module of ``experiments/<name>.yaml`` (cheap: nothing is read), with ``root`` if given."""
+    class_path, init = data_config(name)
+    module, _, cls = class_path.rpartition(".")
+    if root is not None:
+        init["root"] = root
+    return getattr(importlib.import_module(module), cls)(**init)
+
+
+def default_root(name: str, data_dir: str | None = None) -> str:
+    """The dataset's root: the one in its config, moved under ``data_dir`` when given (data/X -> DIR/X)."""
+    root = data_config(name)[1].get("root") or datamodule(name).root
+    return os.path.join(data_dir, os.path.relpath(root, "data")) if data_dir else root
+
+
+def check_roots(names, roots: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """-> (present {name: root}, missing {name: message naming the root, layout and download page})."""
+    from data_modules.base import DataError
+
+    present, missing = {}, {}
+    for name in names:
+        dm = datamodule(name, roots[name])
+        try:
+            dm.check_root()
+            present[name] = roots[name]
+        except DataError:
+            missing[name] = f"root '{dm.root}' not found; download: {dm.download_page}"
+    return present, missing
+
+
+def smoke_overlay(path: str) -> str:
+    """A config with the trainer, model and data sizes of experiments/smoke.yaml (not its data module),
+    layered over paper.yaml + a data config: the tiny encoder on one CPU."""
+    with open(SMOKE_CONFIG) as f:
+        smoke = yaml.safe_load(f)
+    trainer = dict(smoke["trainer"], strategy="auto", devices=1, accelerator="cpu")
+    trainer.pop("default_root_dir", None)
+    data = {k: v for k, v in smoke["data"]["init_args"].items() if k in SMOKE_DATA_KEYS}
+    overlay = {"seed_everything": smoke.get("seed_everything", 0), "trainer": trainer, "model": smoke["model"],
+               "data": {"init_args": data}}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write("# Generated by amoe reproduce/ablations --smoke from experiments/smoke.yaml (trainer, model, data sizes).\n")
+        yaml.safe_dump(overlay, f, sort_keys=False)
+    return path
+
+
+def unified_config(path: str, roots: dict[str, str]) -> str:
+    """Write the data config of the single-model protocol: :class:`~data_modules.unified.Unified` over
+    ``roots`` ({dataset: root}, in this order), each child with the settings of its
+    ``experiments/<dataset>.yaml`` (e.g. the MVTec 3D modality)."""
+    children = []
+    for name, root in roots.items():
+        init = {k: v for k, v in data_config(name)[1].items() if k not in UNIFIED_CHILD_KEYS_DROPPED}
+        children.append({"name": name, "root": str(root), **init})
+    cfg = {"data": {"class_path": "data_modules.unified.Unified", "init_args": {"datasets": children}}}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write("# Generated by amoe reproduce/ablations: one model on these datasets (the paper's Table 1 protocol).\n")
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    return path
+
+
+# --- running -------------------------------------------------------------------------------------------
+def run_amoe(args: list[str], log_path: str, env: dict[str, str] | None = None) -> int:
+    """One ``amoe`` command as its own process (so a DDP launcher re-runs only this command); output to log_path."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    cmd = [sys.executable, "-m", "amoe.cli", *args]
+    with open(log_path, "w") as f:
+        f.write("$ amoe " + " ".join(args) + "\n")
+        f.flush()
+        env = dict(os.environ if env is None else env)
+        env.pop("AMOE_RUN_DIR", None)
+        env.pop("LOCAL_RANK", None)
+        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def fit_and_test(
+    name: str, configs: list[str], root: str | None, work: str, results_root: str, run_name: str,
+    extra: list[str], label: str | None = None,
+) -> dict[str, Any]:
+    """``amoe fit`` then ``amoe test --ckpt_path last``; -> {"result", "results_dir", "checkpoint", "log", "error"}.
+
+    ``name``: the data module's name (the results go to ``results_root/<name>/<run_name>``)."""
+    label = label or name
+    base = [*configs, *(["--data.root", root] if root else []), "--trainer.default_root_dir", work,
+            "--model.results_root", results_root]
+    logs = os.path.join(work, "logs")
+    out: dict[str, Any] = {"result": None, "results_dir": None, "checkpoint": None, "error": None}
+    t0 = time.time()
+    for sub, args in (("fit", []), ("test", ["--ckpt_path", "last", "--model.run_name", run_name])):
+        log_path = os.path.join(logs, f"{sub}.log")
+        out["log"] = log_path
+        log.info("%s: amoe %s … (log: %s)", label, sub, log_path)
+        rc = run_amoe([sub, *base, *args, *extra], log_path)
+        if rc != 0:
+            out["error"] = f"amoe {sub} exited with {rc}; see {log_path}"
+            log.error("%s: %s", label, out["error"])
+            return out
+    out["checkpoint"] = os.path.realpath(os.path.join(work, "latest", "checkpoints", "last.ckpt"))
+    results = latest_results(results_root, name)
+    if results is None:
+        out["error"] = f"no metrics.json under {results_root}/{name}; see {out['log']}"
+        return out
+    out["results_dir"] = results
+    with open(os.path.join(results, "metrics.json")) as f:
+        out["result"] = json.load(f)
+    out["seconds"] = time.time() - t0
+    log.info("%s: done in %.0f s -> %s", label, out["seconds"], results)
+    return out
+
+
+def latest_results(results_root: str, name: str) -> str | None:
+    link = os.path.join(results_root, name, "latest")
+    path = os.path.realpath(link)
+    return path if os.path.isfile(os.path.join(path, "metrics.json")) else None
+
+
+def run_protocol(
+    protocol: str, roots: dict[str, str], configs: list[str], work: str, results_root: str, run_name: str,
+    extra: list[str], tag: str = "",
+) -> dict[str, Any]:
+    """Train and test under ``protocol`` on ``roots`` ({dataset: root}, the datasets present).
+
+    ``configs``: config paths layered in this order after the data config (the model/trainer base, e.g.
+    ``paper.yaml`` first, then overlays). -> {"protocol", "runs": [fit_and_test results], "datasets":
+    {dataset: {"metrics": class-mean metrics (fractions) or None, "classes", "results_dir", "error"}}}.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r}: choose one of {PROTOCOLS}")
+    base, overlays = configs[:1], configs[1:]
+    out: dict[str, Any] = {"protocol": protocol, "runs": [], "datasets": {}}
+    if protocol == "single_model":
+        data = unified_config(os.path.join(work, "unified.yaml"), roots)
+        args = [a for c in [*base, data, *overlays] for a in ("--config", c)]
+        run = fit_and_test("unified", args, None, work, results_root, run_name, extra, f"{tag}all ({len(roots)} datasets)")
+        out["runs"].append(run)
+        per_dataset = (run["result"] or {}).get("per_dataset", {})
+        classes = (run["result"] or {}).get("per_class", {})
+        for name in roots:
+            out["datasets"][name] = {
+                "metrics": per_dataset.get(name), "results_dir": run["results_dir"], "checkpoint": run["checkpoint"],
+                "classes": sorted(c.split("/", 1)[1] for c in classes if c.startswith(f"{name}/")),
+                "error": run["error"] or (None if name in per_dataset else f"no results for {name} in {run['results_dir']}"),
+            }
+        return out
+    for name, root in roots.items():
+        args = [a for c in [*base, os.path.join(EXPERIMENTS, f"{name}.yaml"), *overlays] for a in ("--config", c)]
+        run = fit_and_test(name, args, root, os.path.join(work, name), results_root, run_name, extra, f"{tag}{name}")
+        out["runs"].append(run)
+        result = run["result"] or {}
+        out["datasets"][name] = {"metrics": result.get("mean"), "results_dir": run["results_dir"],
+                                 "checkpoint": run["checkpoint"], "classes": sorted(result.get("per_class", {})),
+                                 "error": run["error"]}
+    return out
+
+
+def gate_mass(results_dir: str | None) -> dict[str, dict[str, float]]:
+    """Mean router gate mass per expert group and dataset over the test images of a run (paper Fig. 4),
+    from its ``scores.csv``: {dataset: {"patch": m, "component": m, "global": m}}."""
+    import pandas as pd
+
+    path = os.path.join(results_dir or "", "scores.csv")
+    if not results_dir or not os.path.isfile(path):
+        return {}
+    scores = pd.read_csv(path)
+    cols = [c for c in scores.columns if c.startswith("gate_")]
+    means = scores.groupby("dataset")[cols].mean()
+    order = sorted(means.index, key=lambda d: (DATASETS.index(d) if d in DATASETS else len(DATASETS), str(d)))
+    return {str(d): {c.removeprefix("gate_"): float(v) for c, v in means.loc[d].items()} for d in order}
+
+
+# --- W&B -----------------------------------------------------------------------------------------------
+def log_table_to_wandb(mode: str | None, project: str, group: str, name: str, frame, path: str) -> None:
+    """Log a summary table (a DataFrame; ``path`` is its markdown file) as its own W&B run of ``group``;
+    never prompts, never fails."""
+    if not mode:
+        return
+    try:
+        import wandb
+
+        run = wandb.init(project=project, group=group, name=name, job_type="summary", mode=mode,
+                         dir=os.path.dirname(os.path.abspath(path)), reinit="finish_previous")
+        run.log({name: wandb.Table(dataframe=frame.astype(str))})
+        with open(path) as f:
+            run.summary["markdown"] = f.read()
+        run.finish()
+    except Exception as e:  # pragma: no cover - W&B is optional
+        log.warning("W&B logging of %s failed (%s: %s)", path, type(e).__name__, e)
+
+
+def wandb_args(mode: str, project: str, group: str, tags: list[str] | None = None) -> list[str]:
+    args = ["--wandb", mode, "--wandb_project", project, "--wandb_group", group]
+    return args + (["--wandb_tags", ",".join(tags)] if tags else [])
+
+
+# --- command line --------------------------------------------------------------------------------------
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                epilog="Arguments after -- go to every amoe fit/test call.")
+    p.add_argument("--protocol", default="single_model", choices=PROTOCOLS,
+                   help="single_model (the paper's: ONE model on every dataset present, each dataset evaluated "
+                        "separately) or per_dataset (one model per dataset; a variant)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny trees in the real layouts + the tiny encoder of experiments/smoke.yaml, on CPU")
+    p.add_argument("--out", default=None, help="results root (default: results, or results/smoke with --smoke)")
+    p.add_argument("--work", default=None, help="checkpoints and logs (default: runs/<command>[_smoke])")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding the datasets in their default places (data/<X> -> DIR/<X>); default: as in "
+                        "experiments/<dataset>.yaml")
+    p.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
+                   help="W&B for every run (auto: online with WANDB_API_KEY, else off)")
+    p.add_argument("--wandb_project", default="amoe")
+    return p
+
+
+def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
+def dataset_roots(names: list[str], smoke: bool, work: str, data_dir: str | None) -> dict[str, str]:
+    """{dataset: root}: the tiny fixture trees under ``work/data`` (smoke), else the configured roots."""
+    if smoke:
+        from amoe.fixture_trees import build_benchmark_trees
+
+        return {n: str(r) for n, r in build_benchmark_trees(Path(work) / "data", names).items()}
+    return {n: default_root(n, data_dir) for n in names}
