@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -58,7 +59,7 @@ def global_loss(ae: torch.Tensor, target: torch.Tensor, student: torch.Tensor | 
 class ESBTerms(NamedTuple):
     importance: torch.Tensor  # N · Σ_j P_j²
     load: torch.Tensor  # Σ_j max(C_j − capacity, 0)²
-    z: torch.Tensor  # mean of squared logits
+    z: torch.Tensor  # (1/B)·Σ_{b,j} logit² (Eq. 3; or the release's mean over B·N)
     total: torch.Tensor  # λ_imp·importance + λ_load·load + λ_z·z
 
 
@@ -69,6 +70,7 @@ def esb_loss(
     lambda_importance: float = 1.0,
     lambda_load: float = 1.0,
     lambda_z: float = 1.0,
+    z_mean: str = "batch",
 ) -> ESBTerms:
     """Eq. 3, Expert Selection Balancing over one batch.
 
@@ -76,7 +78,11 @@ def esb_loss(
     P_j = batch mean of the dense softmax; C_j = number of samples whose top-K holds j, made differentiable
     with a straight-through soft count (value of the hard count, gradient of K · Σ_b softmax_bj);
     capacity = capacity_factor · B · K / N.
+    ``z_mean``: ``batch`` L_z = (1/B)·Σ_{b,j} logit² as Eq. 3 writes it; ``all``: the mean over all B·N
+    logits as the release computes it (1/N of the paper's value).
     """
+    if z_mean not in ("batch", "all"):
+        raise ValueError(f"z_loss_mean must be batch (Eq. 3) or all (the release), got '{z_mean}'.")
     b, n = logits.shape
     k = topk.shape[1]
     probs = F.softmax(logits, dim=-1)
@@ -86,5 +92,27 @@ def esb_loss(
     count = hard + soft - soft.detach()
     capacity = capacity_factor * b * k / n
     load = F.relu(count - capacity).pow(2).sum()
-    z = logits.pow(2).mean()
+    z = logits.pow(2).sum(1).mean() if z_mean == "batch" else logits.pow(2).mean()
     return ESBTerms(importance, load, z, lambda_importance * importance + lambda_load * load + lambda_z * z)
+
+
+def gather_batch(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x over the global batch: (b, ...) on each of W ranks -> (W·b, ..., in rank order), W.
+
+    The local part keeps its graph; the other ranks' parts are constants (each rank back-propagates
+    through its own samples only, so summing the ranks' gradients gives the gradient of the global loss).
+    Outside torch.distributed (or with one process) x itself, 1. Every rank must hold the same b (the
+    training loader drops the last incomplete batch).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 1
+    world = dist.get_world_size()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts), world
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Same value, gradient multiplied by ``factor``."""
+    return x if factor == 1 else x * factor - x.detach() * (factor - 1)

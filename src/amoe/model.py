@@ -25,7 +25,16 @@ from amoe.component_bank import ComponentBank, masked_average_pool
 from amoe.component_experts import ComponentExpert
 from amoe.encoder import FrozenEncoder
 from amoe.global_experts import GlobalExpert
-from amoe.losses import ESBTerms, component_loss, cosine_distance, esb_loss, global_loss, patch_loss
+from amoe.losses import (
+    ESBTerms,
+    component_loss,
+    cosine_distance,
+    esb_loss,
+    gather_batch,
+    global_loss,
+    patch_loss,
+    scale_gradient,
+)
 from amoe.patch_experts import PatchExpert
 from amoe.router import Router, RouterOutput
 from amoe.scoring import Scorer
@@ -77,6 +86,8 @@ class AnomalyMoEConfig:
     lambda_importance: float = 1.0
     lambda_load: float = 1.0
     lambda_z: float = 1.0
+    z_loss_mean: str = "batch"  # batch: (1/B)·Σ_{b,j} logit² (Eq. 3) | all: mean over B·N logits (the release)
+    esb_batch: str = "global"  # global: ESB over the batch of all DDP ranks (Eq. 3) | local: per rank (the release)
     use_eir: bool = True
     lambda_eir: float = 1e-4
     # scoring
@@ -107,6 +118,10 @@ class AnomalyMoEConfig:
             raise ValueError(f"map_norm must be train_quantile, test_minmax or none, got '{self.map_norm}'.")
         if self.router_input not in ("cls", "patch_mean"):
             raise ValueError(f"router_input must be cls or patch_mean, got '{self.router_input}'.")
+        if self.z_loss_mean not in ("batch", "all"):
+            raise ValueError(f"z_loss_mean must be batch (Eq. 3) or all (the release), got '{self.z_loss_mean}'.")
+        if self.esb_batch not in ("global", "local"):
+            raise ValueError(f"esb_batch must be global (Eq. 3) or local (per DDP rank, the release), got '{self.esb_batch}'.")
         if len(self.group_scales) != 3:
             raise ValueError("group_scales needs three values: patch, component, global.")
 
@@ -310,9 +325,14 @@ class AnomalyMoE(nn.Module):
         weighted = weights * out.expert_losses * scales.to(weights)  # (B, N)
         per_group = torch.stack([weighted[:, s].sum(1).mean() for s in self.group_slices])
         rec = weighted.sum(1).mean()
-        esb = esb_loss(out.router.logits, out.router.topk, cfg.capacity_factor, cfg.lambda_importance, cfg.lambda_load, cfg.lambda_z)
+        logits, topk, world = out.router.logits, out.router.topk, 1
+        if cfg.use_esb and cfg.esb_batch == "global":  # under DDP: Importance, Count, Capacity of the global batch
+            (logits, world), (topk, _) = gather_batch(logits), gather_batch(topk)
+        esb = esb_loss(logits, topk, cfg.capacity_factor, cfg.lambda_importance, cfg.lambda_load, cfg.lambda_z, cfg.z_loss_mean)
         eir = self.eir(out.reps) if (cfg.use_eir and out.reps) else rec.new_zeros(())
-        total = rec + (cfg.lambda_esb * esb.total if cfg.use_esb else 0.0) + cfg.lambda_eir * eir
+        # DDP averages the ranks' gradients, each holding only its own samples' share of the global ESB: ×W
+        esb_term = scale_gradient(esb.total, world) if cfg.use_esb else 0.0
+        total = rec + cfg.lambda_esb * esb_term + cfg.lambda_eir * eir
         return Losses(total, rec, esb, eir, per_group)
 
     def score(self, out: ModelOutput):
