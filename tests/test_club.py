@@ -18,11 +18,16 @@ def _identity_club(logvar: float) -> GaussianCLUB:
 
 
 def test_club_upper_bound_hand_computed():
-    # Eq. 4 with μ(x)=x, σ²=1: positive_n = -½||x_n - y_n||², negative_n = mean_m -½||x_n - y_m||²
+    # Eq. 4 with μ(x)=x, σ²=1: positive_n = -½||x_n - y_n||², negative_n = mean_{m≠n} -½||x_n - y_m||²
     q = _identity_club(0.0)
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    # positives 0, 0; negatives: n=0 -> (0 + -1)/2, n=1 -> (-1 + 0)/2  => bound = 0.5
-    torch.testing.assert_close(q.upper_bound(x, x.clone()), torch.tensor(0.5))
+    # positives 0, 0; negatives (only m ≠ n): n=0 -> -1, n=1 -> -1  => bound = 1
+    torch.testing.assert_close(q.upper_bound(x, x.clone()), torch.tensor(1.0))
+    # B=3, 1-D points 0, 1, 3 with y = x: negatives n=0: -(1+9)/4, n=1: -(1+4)/4, n=2: -(9+4)/4 -> mean -28/12
+    q1 = _identity_club(0.0)
+    x3 = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    torch.testing.assert_close(q1.upper_bound(x3, x3.clone()), torch.tensor(28 / 12))
+    assert q.upper_bound(x[:1], x[:1]).item() == 0.0  # no non-matched pair in a batch of one
 
 
 def test_club_log_likelihood_includes_log_variance():

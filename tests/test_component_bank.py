@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from amoe.component_bank import ComponentBank, masked_average_pool
+from amoe.component_bank import ComponentBank, PatchSample, masked_average_pool
 
 
 def test_masked_average_pool_hand_computed():
@@ -36,3 +37,32 @@ def test_bank_refuses_mismatching_shapes():
         assert "num_components" in str(e)
     else:
         raise AssertionError("a bank of another shape was accepted")
+
+
+def test_patch_sample_draws_evenly_from_every_image():
+    # class "x": 10 images of 16 patches, budget 30 -> 3 patches from each image; image i's patches hold i
+    sample = PatchSample({"x": 10, "y": 2}, budget=30, seed=0)
+    for i in range(10):
+        sample.add("x", torch.full((16, 4), float(i)))
+    for i in range(2):
+        sample.add("y", torch.full((16, 4), float(i)) + 100 * torch.arange(16.0)[:, None])
+    out = sample.result()
+    x = out["x"][:, 0]
+    assert len(x) == 30 and torch.bincount(x.long()).tolist() == [3] * 10  # all images, 3 each
+    # "y": ⌈30/2⌉ = 15 of 16 patches from each of the 2 images, 30 in all, each patch once
+    y = out["y"][:, 0]
+    assert len(y) == 30 and len(set(y.tolist())) == 30
+    with pytest.raises(KeyError, match="'z'"):
+        sample.add("z", torch.zeros(1, 4))
+
+
+def test_patch_sample_trims_to_the_budget_and_is_seeded():
+    def draw(seed):
+        s = PatchSample({"x": 4}, budget=10, seed=seed)  # ⌈10/4⌉ = 3 per image -> 12, trimmed to 10
+        for i in range(4):
+            s.add("x", torch.arange(8.0)[:, None] + 8 * i)
+        return s.result()["x"]
+
+    assert len(draw(0)) == 10 and torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
+    with pytest.raises(ValueError, match="bank_patches_per_class"):
+        PatchSample({"x": 1}, budget=0)

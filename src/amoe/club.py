@@ -34,11 +34,19 @@ class GaussianCLUB(nn.Module):
         return (-0.5 * (mu - y).pow(2) / logvar.exp() - 0.5 * logvar).sum(-1).mean()
 
     def upper_bound(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """CLUB: E_n[log q(y_n|x_n)] − E_n E_m[log q(y_m|x_n)], all B² pairs (no sampling): -> ()."""
+        """CLUB (Eq. 4): E_n[log q(y_n|x_n)] − E_n E_{m≠n}[log q(y_m|x_n)]: (B, D), (B, D) -> ().
+
+        The negative term averages over all B(B−1) non-matched pairs (no sampling; the matched pair is
+        not a sample of p(z_j)p(z_k)). A batch of one has no non-matched pair: the bound is 0.
+        """
+        b = x.shape[0]
+        if b < 2:
+            return x.new_zeros(())
         mu, logvar = self.mu(x), self.logvar(x)
         inv_var = (-logvar).exp()  # (B, D)
         positive = -0.5 * ((mu - y).pow(2) * inv_var).sum(-1)  # (B,)
-        negative = -0.5 * ((mu[:, None] - y[None]).pow(2) * inv_var[:, None]).sum(-1).mean(1)  # (B,)
+        every = -0.5 * ((mu[:, None] - y[None]).pow(2) * inv_var[:, None]).sum(-1)  # (B, B): pair (n, m)
+        negative = (every.sum(1) - every.diagonal()) / (b - 1)  # (B,) mean over m ≠ n
         return (positive - negative).mean()
 
 

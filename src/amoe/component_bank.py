@@ -8,6 +8,7 @@ the checkpoint (``get_extra_state``), so a checkpoint alone is enough for testin
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -26,6 +27,42 @@ def masked_average_pool(feats: torch.Tensor, assign: torch.Tensor, k: int, eps: 
     area = masks.sum(dim=1)  # (B, k)
     pooled = torch.einsum("bpk,bpd->bkd", masks, feats) / (area[..., None] + eps)
     return pooled, area > 0
+
+
+class PatchSample:
+    """The k-means sample of each class, drawn uniformly from ALL its normal training images (Eq. 7: "all
+    normal training samples of the class"): each image gives ⌈budget / n_images⌉ random patches (all of
+    them if it has fewer); a class keeps at most ``budget`` patches.
+
+    images_per_class: class -> number of its training images; feed every image once with :meth:`add`.
+    """
+
+    def __init__(self, images_per_class: dict[str, int], budget: int, seed: int = 0):
+        if budget < 1:
+            raise ValueError(f"bank_patches_per_class must be at least 1, got {budget}.")
+        self.per_image = {c: math.ceil(budget / n) for c, n in images_per_class.items() if n > 0}
+        self.budget = budget
+        self.gen = torch.Generator().manual_seed(seed)
+        self.chunks: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, cls: str, patches: torch.Tensor) -> None:
+        """patches: (P, D) of one image of class ``cls``."""
+        if cls not in self.per_image:
+            raise KeyError(f"class '{cls}' is not among the training classes {sorted(self.per_image)}.")
+        q = self.per_image[cls]
+        if q < len(patches):
+            patches = patches[torch.randperm(len(patches), generator=self.gen)[:q]]
+        self.chunks.setdefault(cls, []).append(patches)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """class -> (M, D) with M ≤ budget."""
+        out = {}
+        for cls, chunks in self.chunks.items():
+            x = torch.cat(chunks)
+            if len(x) > self.budget:
+                x = x[torch.randperm(len(x), generator=self.gen)[: self.budget]]
+            out[cls] = x
+        return out
 
 
 class ComponentBank(nn.Module):
@@ -53,9 +90,9 @@ class ComponentBank(nn.Module):
                     f"class '{cls}': {len(x)} patches for {self.num_components} components; "
                     "lower model.config.num_components or add training images."
                 )
-            km = faiss.Kmeans(
+            km = faiss.Kmeans(  # every sampled patch is used (faiss would otherwise keep 256 per centre)
                 self.dim, self.num_components, niter=niter, seed=seed, spherical=True, verbose=False,
-                min_points_per_centroid=1, max_points_per_centroid=1024,
+                min_points_per_centroid=1, max_points_per_centroid=math.ceil(len(x) / self.num_components),
             )
             km.train(np.ascontiguousarray(x))
             centres.append(torch.from_numpy(km.centroids.copy()))

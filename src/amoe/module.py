@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
@@ -26,6 +27,7 @@ from amoe.checkpoint import (
     saved_config,
     set_rng_state,
 )
+from amoe.component_bank import PatchSample
 from amoe.evaluation import TestCollector
 from amoe.model import GROUPS, AnomalyMoE, AnomalyMoEConfig
 
@@ -49,7 +51,8 @@ class AnomalyMoEModule(L.LightningModule):
         warmup_steps, min_lr_ratio: linear warm-up, then cosine to ``lr * min_lr_ratio`` at ``trainer.max_steps``.
         grad_clip: global gradient-norm clip of the main step (and of the CLUB step).
         club_lr: Adam learning rate of the EIR (CLUB) estimators.
-        bank_patches_per_class: patches sampled per class for the component k-means.
+        bank_patches_per_class: patches per class for the component k-means, drawn evenly from all of the
+            class's normal training images.
         sparse_inference: run only each sample's top-K experts at test/predict time.
         results_root: test outputs go to ``results_root/<dataset>/<run>``.
         run_name: name of the results run (default: a timestamp).
@@ -114,22 +117,12 @@ class AnomalyMoEModule(L.LightningModule):
     def build_component_bank(self) -> None:
         """k-means (faiss) per class on patch embeddings of the normal training images (SPEC §2.5)."""
         dm = self.trainer.datamodule
-        feats: dict[str, list[torch.Tensor]] = {}
-        counts: dict[str, int] = {}
-        gen = torch.Generator().manual_seed(0)
+        sample = PatchSample(Counter(r.cls for r in dm.split("train").records), self.hparams.bank_patches_per_class)
         for batch in tqdm(dm.bank_dataloader(), desc="component bank", disable=not self.trainer.is_global_zero):
             emb = self.model.patch_embeddings(batch["image"].to(self.device)).float().cpu()  # (B, h*w, D)
             for cls, e in zip(batch["cls"], emb):
-                if counts.get(cls, 0) >= self.hparams.bank_patches_per_class:
-                    continue
-                feats.setdefault(cls, []).append(e)
-                counts[cls] = counts.get(cls, 0) + len(e)
-        pooled = {}
-        for cls, chunks in feats.items():
-            x = torch.cat(chunks)
-            if len(x) > self.hparams.bank_patches_per_class:
-                x = x[torch.randperm(len(x), generator=gen)[: self.hparams.bank_patches_per_class]]
-            pooled[cls] = x
+                sample.add(cls, e)
+        pooled = sample.result()
         self.model.component_bank.build(pooled, seed=0)
         self.model.component_bank.to(self.device)
 
@@ -210,7 +203,8 @@ class AnomalyMoEModule(L.LightningModule):
         self.model.eval()
         maps, mass = [], []
         for batch in dm.calib_dataloader():
-            out = self.model(batch["image"].to(self.device), batch["cls"], sparse=self.hparams.sparse_inference)
+            with self.trainer.precision_plugin.test_step_context():  # the precision the test maps get (bf16-mixed: autocast)
+                out = self.model(batch["image"].to(self.device), batch["cls"], sparse=self.hparams.sparse_inference)
             maps.append(out.group_maps.float().cpu())
             mass.append(out.group_mass.float().cpu())
         if maps:
