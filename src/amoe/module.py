@@ -348,7 +348,9 @@ class AnomalyMoEModule(L.LightningModule):
             log.warning("torchmetrics and the streaming evaluator disagree on %d image metric(s), e.g. %s",
                         len(off), next(iter(off.items())))
         keys.update({k: v for k, v in check.items() if k not in keys})
-        self.log_dict(keys, sync_dist=False, rank_zero_only=True)
+        # float64 tensors: a float would be logged as float32 (Lightning's default dtype), off metrics.json by ~1e-8
+        self.log_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in keys.items()}, sync_dist=False,
+                      rank_zero_only=True)
 
     # --- prediction (amoe predict; files are written by amoe.predict.PredictionWriter) ------------------
     def on_predict_start(self) -> None:
