@@ -10,7 +10,10 @@ DDP (``world_size > 1``): every rank streams its share of the test set into a
 directory shared by all ranks (``shard_dir``). At the end each rank dumps its manifest, rows and figure
 candidates there, one barrier, and rank 0 computes the exact metrics from all shards (samples repeated by
 the ``DistributedSampler`` padding are dropped by ``extra["sample_id"]``), merges the rows and figures and
-writes the results. Nothing is all-gathered, and no rank holds more than one class of maps.
+writes the results. No map is all-gathered, and no rank holds more than one class of maps.
+
+Image AUROC/AP/F1-max are also fed, class by class, to an optional torchmetrics
+:class:`~amoe.image_metrics.ImageMetrics` (``image_metrics``), which the LightningModule syncs and logs.
 """
 
 from __future__ import annotations
