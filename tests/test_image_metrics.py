@@ -3,6 +3,7 @@ padding, and under 2-process gloo DDP give exactly the 1-process values (15 imag
 
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -102,8 +103,14 @@ def test_two_gloo_processes_equal_one_process_exactly(tmp_path):
     single.update(cls, scores, labels, list(range(15)))
     ref = single.compute()
     out = tmp_path / "rank0.json"
-    mp.start_processes(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2,
-                       start_method="fork" if sys.platform == "linux" else "spawn")
+    ctx = mp.start_processes(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2, join=False,
+                             start_method="fork" if sys.platform == "linux" else "spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):  # raises if a rank fails
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2-process gloo run did not finish in 120 s")
     got = json.loads(out.read_text())
     assert got["ours"] == json.loads(json.dumps(ref))  # exact (15 images, 16 sampled: one padded duplicate)
     assert got["plain_n"] == 16  # a plain torchmetrics BinaryAUROC counts the padded duplicate
