@@ -15,7 +15,7 @@ it has no F1-max, and a plain instance counts the padded duplicates (docs/METRIC
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -125,21 +125,17 @@ class ImageMetrics(Metric):
         return summarise(per_class, dataset.__getitem__)
 
 
-def log_keys(result: dict, dataset_of: Any, skip: Sequence[str] = ()) -> dict[str, float]:
-    """A metrics dict (per_class / per_dataset / mean) -> flat logger keys:
-
-    ``test/<dataset>/<class>/<metric>``, ``test/<dataset>/mean/<metric>`` and ``test/mean/<metric>``. A
-    class name that already starts with ``<dataset>/`` (unified runs) is not prefixed twice. Metrics in
-    ``skip`` are left out."""
+def log_keys(result: dict, dataset_of: Callable[[str], str]) -> dict[str, float]:
+    """A metrics dict (per_class, optional per_dataset, mean) -> flat logger keys:
+    ``test/<dataset>/<class>/<metric>``, ``test/<dataset>/mean/<metric>`` and ``test/mean/<metric>``. A class
+    name that already starts with ``<dataset>/`` (unified runs) is not prefixed twice."""
     out: dict[str, float] = {}
-    datasets: dict[str, dict[str, dict[str, float]]] = {}
     for cls, metrics in result["per_class"].items():
         ds = dataset_of(cls)
         name = cls[len(ds) + 1:] if cls.startswith(f"{ds}/") else cls
-        datasets.setdefault(ds, {})[cls] = metrics
-        out.update({f"test/{ds}/{name}/{k}": float(v) for k, v in metrics.items() if k not in skip})
+        out.update({f"test/{ds}/{name}/{k}": float(v) for k, v in metrics.items()})
     per_dataset = result.get("per_dataset") or summarise(result["per_class"], dataset_of)["per_dataset"]
     for ds, metrics in per_dataset.items():
-        out.update({f"test/{ds}/mean/{k}": float(v) for k, v in metrics.items() if k not in skip})
-    out.update({f"test/mean/{k}": float(v) for k, v in result["mean"].items() if k not in skip})
+        out.update({f"test/{ds}/mean/{k}": float(v) for k, v in metrics.items()})
+    out.update({f"test/mean/{k}": float(v) for k, v in result["mean"].items()})
     return out
