@@ -2,6 +2,7 @@ import json
 import math
 import os
 
+import pandas as pd
 import pytest
 
 from amoe.cli import main
@@ -25,6 +26,15 @@ def test_fit_then_test_writes_finite_metrics(tmp_path):
     for name in ("metrics.csv", "table.md", "scores.csv", "router_gates.png", "expert_maps.png"):
         assert (run / name).is_file(), name
     assert len(os.listdir(run / "overlays")) > 0
+    # the CSV logger got the torchmetrics image metrics (test/<dataset>/<class>/...) and the evaluator's others
+    (log,) = [f for f in (tmp_path / "runs" / "latest" / "csv").glob("version_*/metrics.csv")
+              if "test/mean/image_auroc" in f.read_text()]
+    logged = pd.read_csv(log).iloc[-1]
+    for cls, metrics in [*((f"synthetic/{c}", m) for c, m in result["per_class"].items()),
+                         ("synthetic/mean", result["mean"]), ("mean", result["mean"])]:
+        for k, v in metrics.items():
+            assert logged[f"test/{cls}/{k}"] == pytest.approx(v, rel=0, abs=1e-12), (cls, k)  # float64, not float32
+    assert logged.dtype == float
     # a second test run never overwrites the first
     assert _run(tmp_path, "test", "--ckpt_path", "last") == 0
     assert len([d for d in os.listdir(tmp_path / "results" / "synthetic") if d != "latest"]) == 2

@@ -1,5 +1,6 @@
 """DDP on CPU (gloo, 2 processes): fit, then test on 2 processes and on 1 process with the same checkpoint.
-The test metrics, per-image scores and figures must be identical: no sample is lost or counted twice (15
+The test metrics (metrics.json and the CSV logger's, whose image metrics come from torchmetrics), per-image
+scores and figures must be identical: no sample is lost or counted twice (15
 test images on 2 ranks: DistributedSampler pads one duplicate), and the state is gathered once on rank 0.
 
 Evaluation batches of 1 make every forward pass the same computation on both sides, so the comparison is
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,3 +50,13 @@ def test_ddp_two_processes_match_one_process_exactly(tmp_path):
     assert (two / "scores.csv").read_text() == (one / "scores.csv").read_text()
     assert sorted(os.listdir(two / "overlays")) == sorted(os.listdir(one / "overlays"))
     assert not [d for d in os.listdir(runs / "latest") if d.startswith("eval_shards_")]  # shards cleaned up
+    # the CSV logs: torchmetrics' image metrics (synced over both ranks, the duplicate dropped) equal 1 process
+    logs = sorted((f for f in (runs / "latest" / "csv").glob("version_*/metrics.csv") if "test/mean/image_auroc" in f.read_text()),
+                  key=lambda f: int(f.parent.name.split("_")[1]))
+    assert len(logs) == 2  # the DDP test run, then the single-process one
+    log2, log1 = (pd.read_csv(f).iloc[-1] for f in logs)
+    for cls, metrics in m1["per_class"].items():
+        for k in ("image_auroc", "image_ap", "image_f1max"):
+            assert log2[f"test/synthetic/{cls}/{k}"] == log1[f"test/synthetic/{cls}/{k}"] == pytest.approx(metrics[k], rel=0, abs=1e-12)
+    keys = [k for k in log1.index if k.startswith("test/")]
+    assert keys and log2[keys].equals(log1[keys])

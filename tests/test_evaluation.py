@@ -4,7 +4,9 @@ DDP merge of several ranks' shards, checked against one process on the same mode
 import csv
 import json
 import os
+import re
 
+import pandas as pd
 import pytest
 import torch
 from fixtures_model import tiny_model
@@ -67,8 +69,12 @@ def test_single_process_writes_every_result_file(tmp_path):
                             "gate_component", "gate_global", "experts"}
     metrics = list(csv.DictReader(open(run / "metrics.csv")))
     assert [m["class"] for m in metrics] == ["breakfast", "pcb", "pushpins", "mean"]
+    typed = pd.read_csv(run / "metrics.csv")  # a DataFrame with typed columns, NaN where undefined
+    assert typed["image_auroc"].dtype == float and typed["class"].tolist()[-1] == "mean"
+    assert typed["image_auroc"].iloc[-1] == result["mean"]["image_auroc"]
+    assert pd.read_csv(run / "scores.csv")["score"].dtype == float
     assert json.loads((run / "metrics.json").read_text())["mean"]["image_auroc"] == pytest.approx(result["mean"]["image_auroc"])
-    table = (run / "table.md").read_text()
+    table = re.sub(r" +", " ", (run / "table.md").read_text())  # pandas pads the markdown cells
     assert "(Image-AUROC, Pixel-AUROC)" in table and "| **mean** |" in table
     mean = result["mean"]
     assert f"| **mean** | {100 * mean['image_auroc']:.1f} / {100 * mean['pixel_auroc']:.1f} |" in table

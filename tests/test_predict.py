@@ -152,3 +152,23 @@ def test_predict_without_a_path_scores_the_configured_test_split(trained_run, tm
     rows = _rows(run)
     assert len(rows) == 2 * (4 + 3 * 2) and all(r["path"].startswith("synthetic://") for r in rows)
     assert all((run / r["overlay"]).is_file() and (run / r["mask"]).is_file() for r in rows)
+
+
+def test_ranks_score_files_merge_once_per_path_sorted(tmp_path):
+    """DDP predict: rank files are merged with pandas, a padded repeat kept once, cells unchanged."""
+    from types import SimpleNamespace
+
+    from amoe.predict import FIELDS, PredictionWriter
+
+    w = PredictionWriter(results_root=str(tmp_path))
+    w.run_dir, w.skipped = str(tmp_path), ["bad, file.png: unreadable"]
+    w.thresholds, w.sources = {"image": 0.5, "pixel": float("nan")}, {"image": "x", "pixel": "y"}
+    header = ",".join(FIELDS) + "\n"
+    (tmp_path / "scores.rank0.csv").write_text(header + '"b,c.png",0.7,true,,overlays/b.png,\na.png,0.1,false,,overlays/a.png,\n')
+    (tmp_path / "scores.rank1.csv").write_text(header + "z.png,1e-07,false,,overlays/z.png,\na.png,0.1,false,,overlays/a.png,\n")
+    strategy = SimpleNamespace(reduce=lambda t, reduce_op: t, barrier=lambda *a: None)
+    w.on_predict_end(SimpleNamespace(strategy=strategy, is_global_zero=True, world_size=2), None)
+    assert (tmp_path / "scores.csv").read_text() == header + (
+        'a.png,0.1,false,,overlays/a.png,\n"b,c.png",0.7,true,,overlays/b.png,\nz.png,1e-07,false,,overlays/z.png,\n')
+    assert not list(tmp_path.glob("scores.rank*.csv"))
+    assert list(csv.DictReader(open(tmp_path / "skipped.csv"))) == [{"problem": "bad, file.png: unreadable"}]

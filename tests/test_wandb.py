@@ -89,7 +89,7 @@ def test_test_run_holds_metrics_figures_and_table(offline_runs):
     run = runs[1]
     s = summarise(wandb_records(glob.glob(str(run / "run-*.wandb"))[0]))
     assert s["run"].run_group == "g-test" and s["run"].job_type == "test"
-    for cls, metrics in [*results["per_class"].items(), ("mean", results["mean"])]:
+    for cls, metrics in [*((f"synthetic/{c}", m) for c, m in results["per_class"].items()), ("mean", results["mean"])]:
         for k, v in metrics.items():
             assert s["history"][f"test/{cls}/{k}"] == [pytest.approx(v, abs=1e-6)], (cls, k)
     media = run / "files" / "media"

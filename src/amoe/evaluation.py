@@ -10,7 +10,10 @@ DDP (``world_size > 1``): every rank streams its share of the test set into a
 directory shared by all ranks (``shard_dir``). At the end each rank dumps its manifest, rows and figure
 candidates there, one barrier, and rank 0 computes the exact metrics from all shards (samples repeated by
 the ``DistributedSampler`` padding are dropped by ``extra["sample_id"]``), merges the rows and figures and
-writes the results. Nothing is all-gathered, and no rank holds more than one class of maps.
+writes the results. No map is all-gathered, and no rank holds more than one class of maps.
+
+Image AUROC/AP/F1-max are also fed, class by class, to an optional torchmetrics
+:class:`~amoe.image_metrics.ImageMetrics` (``image_metrics``), which the LightningModule syncs and logs.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from amoe.image_metrics import ImageMetrics
 from amoe.metrics import DatasetEvaluator
 from amoe.model import GROUPS, AnomalyMoE, ModelOutput
 from amoe.results import make_run_dir, paper_table, write_results
@@ -70,6 +74,7 @@ class TestCollector:
         rank: int = 0,
         world_size: int = 1,
         shard_dir: str | None = None,
+        image_metrics: ImageMetrics | None = None,
     ):
         self.dataset, self.model, self.map_norm = dataset, model, map_norm
         self.results_root, self.run_name, self.num_figure_images = results_root, run_name, num_figure_images
@@ -78,6 +83,7 @@ class TestCollector:
         if self.distributed and shard_dir is None:
             raise ValueError("world_size > 1 needs a shard_dir that every rank can reach")
         self.shard_dir = shard_dir
+        self.image_metrics = image_metrics  # torchmetrics: image AUROC/AP/F1-max, synced by torchmetrics
         if self.distributed and map_norm == "test_minmax":
             log.warning(
                 "map_norm test_minmax under DDP normalises each class with the min/max of this rank's share "
@@ -141,6 +147,8 @@ class TestCollector:
             [buf.cls] * len(labels), scores, labels, maps, masks,
             levels=[m["level"] for m in buf.meta], extras=[m["extra"] for m in buf.meta],
         )
+        if self.image_metrics is not None:
+            self.image_metrics.update([buf.cls] * len(labels), scores, labels, [m["extra"]["sample_id"] for m in buf.meta])
         thr = float(sc.image_threshold)
         for m, s, g in zip(buf.meta, scores.tolist(), mass.tolist()):
             row = {k: m[k] for k in ("path", "dataset", "cls", "defect_type", "label")}

@@ -811,7 +811,7 @@ class DatasetEvaluator:
                 "distributed=True: call dump() on every rank and compute_from_dumps() on rank 0"
             )
         self._close()
-        return _summary({c: self._results[c] for c in self._order}, self.class_dataset if self.dataset == "unified" else None)
+        return summarise({c: self._results[c] for c in self._order}, self.class_dataset if self.dataset == "unified" else None)
 
     # ---- DDP ---------------------------------------------------------------------------------------
 
@@ -873,7 +873,7 @@ class DatasetEvaluator:
                 part.extend(_load_part(prefix))
             if len(part):
                 results[c] = ev._class_metrics(_dedupe(part), c)
-        return _summary(results, ev.class_dataset if ev.dataset == "unified" else None)
+        return summarise(results, ev.class_dataset if ev.dataset == "unified" else None)
 
     # ---- metrics of one class ----------------------------------------------------------------------
 
@@ -972,7 +972,7 @@ def _class_mean(results: dict[str, dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in results.values() if k in r])) for k in keys}
 
 
-def _summary(results: dict[str, dict[str, float]], dataset_of: Callable[[str], str] | None = None) -> dict[str, dict]:
+def summarise(results: dict[str, dict[str, float]], dataset_of: Callable[[str], str] | None = None) -> dict[str, dict]:
     """Per-class results -> {"per_class": ..., "mean": unweighted mean over the classes having a key}; with
     ``dataset_of`` (a unified run) also "per_dataset": {dataset: the mean over that dataset's classes} — the
     paper's Table 1 protocol (one model, each dataset its own class mean)."""

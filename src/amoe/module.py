@@ -29,6 +29,7 @@ from amoe.checkpoint import (
 )
 from amoe.component_bank import PatchSample
 from amoe.evaluation import TestCollector
+from amoe.image_metrics import ImageMetrics, log_keys
 from amoe.model import GROUPS, AnomalyMoE, AnomalyMoEConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,11 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _same(a: float, b: float | None) -> bool:
+    """Equal to 1e-9, NaN equal to NaN."""
+    return b is not None and (abs(a - b) <= 1e-9 or (math.isnan(a) and math.isnan(b)))
 
 
 class AnomalyMoEModule(L.LightningModule):
@@ -86,6 +92,8 @@ class AnomalyMoEModule(L.LightningModule):
         self.model = AnomalyMoE(config)
         self.config = config
         self.collector: TestCollector | None = None
+        # image AUROC/AP/F1-max of the test set (torchmetrics; synced across ranks, padding de-duplicated)
+        self.test_image_metrics = ImageMetrics()
         self._resume_rng: dict | None = None  # RNG state of a checkpoint being resumed (applied at train start)
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -303,7 +311,13 @@ class AnomalyMoEModule(L.LightningModule):
             rank=self.trainer.global_rank,
             world_size=self.trainer.world_size,
             shard_dir=shard_dir,
+            image_metrics=self.test_image_metrics,
         )
+        # every rank numbers the classes alike: the test split's classes in order (None: the loader's order, 1 process)
+        split = dm.split("test") if hasattr(dm, "split") else None
+        classes = list(dict.fromkeys(r.cls for r in split.records)) if split is not None else None
+        datasets = [self.collector.evaluator.class_dataset(c) for c in classes] if classes is not None else None
+        self.test_image_metrics.set_classes(classes, datasets, self.collector.dataset)
 
     @torch.no_grad()
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -312,13 +326,25 @@ class AnomalyMoEModule(L.LightningModule):
         self.collector.add(batch, out, masks)
 
     def on_test_epoch_end(self) -> None:
+        # Image AUROC/AP/F1-max come from the torchmetrics metric (every rank takes part in its sync); pixel
+        # metrics, AUPRO, sPRO and the per-level / frame AUROCs from the streaming evaluator (rank 0).
+        self.collector.flush()
+        image = self.test_image_metrics.compute()
+        self.test_image_metrics.reset()
         result = self.collector.finish(self.trainer)
-        if result is not None:
-            for cls, metrics in result["per_class"].items():
-                for k, v in metrics.items():
-                    self.log(f"test/{cls}/{k}", float(v), sync_dist=False, rank_zero_only=True)
-            for k, v in result["mean"].items():
-                self.log(f"test/mean/{k}", float(v), sync_dist=False, rank_zero_only=True)
+        if result is None:
+            return
+        dataset_of = self.collector.evaluator.class_dataset
+        keys = log_keys(image, dataset_of)
+        check = log_keys(result, dataset_of)
+        off = {k: (v, check.get(k)) for k, v in keys.items() if not _same(v, check.get(k))}
+        if off:
+            log.warning("torchmetrics and the streaming evaluator disagree on %d image metric(s), e.g. %s",
+                        len(off), next(iter(off.items())))
+        keys.update({k: v for k, v in check.items() if k not in keys})
+        # float64 tensors: a float would be logged as float32 (Lightning's default dtype), off metrics.json by ~1e-8
+        self.log_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in keys.items()}, sync_dist=False,
+                      rank_zero_only=True)
 
     # --- prediction (amoe predict; files are written by amoe.predict.PredictionWriter) ------------------
     def on_predict_start(self) -> None:

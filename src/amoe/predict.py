@@ -19,7 +19,6 @@ from ``train/good`` (``calib_fraction`` of the data module): the image threshold
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -115,7 +115,6 @@ class PredictionWriter(BasePredictionWriter):
         self.dataset, self.records = None, {}
         self.counts = {"images": 0, "anomalous": 0}
         self._csv = None
-        self._writer = None
 
     # --- set-up --------------------------------------------------------------------------------
     def on_predict_start(self, trainer, pl_module) -> None:
@@ -148,8 +147,7 @@ class PredictionWriter(BasePredictionWriter):
         suffix = "" if trainer.world_size == 1 else f".rank{trainer.global_rank}"
         self._csv_path = os.path.join(self.run_dir, f"scores{suffix}.csv")
         self._csv = open(self._csv_path, "w", newline="", encoding="utf-8")
-        self._writer = csv.DictWriter(self._csv, fieldnames=FIELDS)
-        self._writer.writeheader()
+        pd.DataFrame(columns=FIELDS).to_csv(self._csv, index=False)  # the header; rows are appended per batch
         log.info("predict: writing to %s", self.run_dir)
 
     # --- per batch -----------------------------------------------------------------------------
@@ -157,6 +155,7 @@ class PredictionWriter(BasePredictionWriter):
         from amoe import viz
 
         img_thr, pix_thr = self.thresholds["image"], self.thresholds["pixel"]
+        rows = []
         for i, path in enumerate(prediction["path"]):
             score = float(prediction["scores"][i])
             amap = prediction["maps"][i].numpy()
@@ -180,7 +179,7 @@ class PredictionWriter(BasePredictionWriter):
             anomalous = score > img_thr if _finite(img_thr) else None
             self.counts["images"] += 1
             self.counts["anomalous"] += bool(anomalous)
-            self._writer.writerow({
+            rows.append({
                 "path": path,
                 "score": f"{score:.6g}",
                 "anomalous": "" if anomalous is None else str(anomalous).lower(),
@@ -188,6 +187,7 @@ class PredictionWriter(BasePredictionWriter):
                 "overlay": os.path.join("overlays", name),
                 "mask": os.path.join("masks", name) if mask is not None else "",
             })
+        pd.DataFrame(rows, columns=FIELDS).to_csv(self._csv, header=False, index=False)
         self._csv.flush()
 
     def _save(self, im: Image.Image, kind: str, name: str) -> None:
@@ -202,22 +202,17 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier()
         if not trainer.is_global_zero:
             return
-        if trainer.world_size > 1:  # merge the per-rank files, sorted by path
-            rows = []
-            for r in range(trainer.world_size):
-                part = os.path.join(self.run_dir, f"scores.rank{r}.csv")
-                with open(part, newline="", encoding="utf-8") as f:
-                    rows += list(csv.DictReader(f))
-                os.remove(part)
-            with open(os.path.join(self.run_dir, "scores.csv"), "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=FIELDS)
-                w.writeheader()
-                w.writerows(sorted({r["path"]: r for r in rows}.values(), key=lambda r: r["path"]))
+        if trainer.world_size > 1:  # merge the per-rank files (a padded repeat once), sorted by path
+            parts = [os.path.join(self.run_dir, f"scores.rank{r}.csv") for r in range(trainer.world_size)]
+            # the cells as written (strings): no float re-formatting, empty stays empty
+            merged = pd.concat([pd.read_csv(p, dtype=str, keep_default_na=False) for p in parts], ignore_index=True)
+            merged = merged.drop_duplicates("path", keep="last").sort_values("path", kind="stable")
+            merged.to_csv(os.path.join(self.run_dir, "scores.csv"), index=False, encoding="utf-8")
+            for p in parts:
+                os.remove(p)
         if self.skipped:
-            with open(os.path.join(self.run_dir, "skipped.csv"), "w", newline="", encoding="utf-8") as f:
-                w = csv.writer(f)
-                w.writerow(["problem"])
-                w.writerows([s] for s in self.skipped)
+            pd.DataFrame({"problem": self.skipped}).to_csv(os.path.join(self.run_dir, "skipped.csv"), index=False,
+                                                           encoding="utf-8")
         summary = {
             "checkpoint": self.checkpoint,
             "images": int(counts["images"]),

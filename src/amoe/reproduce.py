@@ -32,6 +32,7 @@ import pandas as pd
 import yaml
 
 from amoe import runner
+from amoe.results import markdown
 from amoe.runner import DATASETS, label
 from amoe.wandb_mode import wandb_wanted
 
@@ -116,10 +117,6 @@ def gate_frame(gates: dict[str, dict[str, float]]) -> pd.DataFrame:
     """Router gate mass per expert group and dataset (mean over the test images; the paper's Fig. 4)."""
     rows = [{"Dataset": label(d), **{g: f"{v:.3f}" for g, v in m.items()}} for d, m in gates.items()]
     return pd.DataFrame(rows)
-
-
-def markdown(frame: pd.DataFrame) -> str:
-    return frame.to_markdown(index=False, disable_numparse=True) if len(frame) else "(none)"
 
 
 def header(protocol: str, present: list[str], missing: dict[str, str], smoke: bool, command: str) -> str:

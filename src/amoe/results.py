@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -10,6 +9,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 PAPER_METRICS = ("image_auroc", "pixel_auroc")
 
@@ -42,49 +42,55 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _pct(v: Any) -> str:
+    """A metric (fraction) as a % cell with one decimal; '–' when absent or not finite."""
+    return "–" if v is None or not np.isfinite(v) else f"{100 * v:.1f}"
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """A DataFrame of preformatted cells as a GitHub markdown table (pandas + tabulate), '(none)' when empty."""
+    return frame.to_markdown(index=False, disable_numparse=True) if len(frame) else "(none)"
+
+
+def metrics_frame(result: dict) -> pd.DataFrame:
+    """Per-class metrics and their mean as a typed DataFrame: ``dataset``, ``class``, then one float column
+    per metric (sorted; NaN where a class lacks it or it is undefined). The rows of ``metrics.csv``."""
+    names = sorted({k for m in result["per_class"].values() for k in m} | set(result["mean"]))
+    rows = [*result["per_class"].items(), ("mean", result["mean"])]
+    frame = pd.DataFrame([[m.get(k) for k in names] for _, m in rows], columns=names, dtype=float)
+    frame.insert(0, "class", [c for c, _ in rows])
+    frame.insert(0, "dataset", result["dataset"])
+    return frame
+
+
 def metrics_table(result: dict, metrics: tuple[str, ...] | None = None) -> str:
     """Markdown table: one row per class and the mean; values in percent."""
     names = list(metrics or sorted({k for m in result["per_class"].values() for k in m}))
-    head = "| class | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
-
-    def fmt(m: dict) -> str:
-        return " | ".join("–" if m.get(k) is None or not np.isfinite(m.get(k)) else f"{100 * m[k]:.1f}" for k in names)
-
-    rows = "".join(f"| {c} | {fmt(m)} |\n" for c, m in result["per_class"].items())
-    return head + rows + f"| **mean** | {fmt(result['mean'])} |\n"
+    rows = [*result["per_class"].items(), ("**mean**", result["mean"])]
+    return markdown(pd.DataFrame([[c, *(_pct(m.get(k)) for k in names)] for c, m in rows], columns=["class", *names])) + "\n"
 
 
 def paper_table(result: dict) -> str:
     """The paper's Table 1 cell format: Image-AUROC / Pixel-AUROC per class and mean."""
-    def cell(m: dict) -> str:
-        return " / ".join("–" if m.get(k) is None or not np.isfinite(m[k]) else f"{100 * m[k]:.1f}" for k in PAPER_METRICS)
-
-    lines = [f"### {result['dataset']}: (Image-AUROC, Pixel-AUROC)\n", "| class | I-AUROC / P-AUROC |", "|---|---|"]
-    lines += [f"| {c} | {cell(m)} |" for c, m in result["per_class"].items()]
-    lines.append(f"| **mean** | {cell(result['mean'])} |")
-    return "\n".join(lines) + "\n"
+    rows = [*result["per_class"].items(), ("**mean**", result["mean"])]
+    frame = pd.DataFrame([[c, " / ".join(_pct(m.get(k)) for k in PAPER_METRICS)] for c, m in rows],
+                         columns=["class", "I-AUROC / P-AUROC"])
+    return f"### {result['dataset']}: (Image-AUROC, Pixel-AUROC)\n\n{markdown(frame)}\n"
 
 
 def write_metrics(run_dir: str, result: dict) -> None:
+    """metrics.json, metrics.csv (``pd.read_csv`` gives typed columns) and table.md."""
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(_clean(result), f, indent=2)
-    names = sorted({k for m in result["per_class"].values() for k in m} | set(result["mean"]))
-    with open(os.path.join(run_dir, "metrics.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["dataset", "class", *names])
-        for cls, m in [*result["per_class"].items(), ("mean", result["mean"])]:
-            w.writerow([result["dataset"], cls, *(_clean(m.get(k)) if m.get(k) is not None else "" for k in names)])
+    metrics_frame(result).to_csv(os.path.join(run_dir, "metrics.csv"), index=False)
     with open(os.path.join(run_dir, "table.md"), "w") as f:
         f.write(paper_table(result) + "\n### All metrics (%)\n\n" + metrics_table(result))
 
 
 def write_scores(run_dir: str, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    with open(os.path.join(run_dir, "scores.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    """scores.csv: one row per test image (columns in the rows' key order)."""
+    if rows:
+        pd.DataFrame(rows, columns=list(rows[0])).to_csv(os.path.join(run_dir, "scores.csv"), index=False)
 
 
 def write_results(
