@@ -95,3 +95,31 @@ def test_random_encoder_warns_loudly(caplog):
     with caplog.at_level("WARNING"):
         _encoder().load_weights()
     assert "RANDOM ENCODER" in caplog.text
+
+
+@pytest.mark.parametrize("naming", ["timm", "dinov2"])
+def test_pos_embed_resampling_timm_or_dinov2(tmp_path, naming):
+    """Weights of a 112-px (8×8 grid) ViT loaded into a 56-px (4×4) encoder: `dinov2` interpolates as DINOv2
+    does (bicubic, no anti-aliasing, scale (4 + 0.1)/8), `timm` with timm's anti-aliased resampling."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(3)
+    big = _encoder(img_size=112)
+    sd = {k: v.clone() for k, v in big.vit.state_dict().items()}
+    patch = sd["pos_embed"]  # (1, 64, 32): timm's reg4 ViT has no prefix slot in pos_embed
+    torch.save(to_original_dinov2_names(sd) if naming == "dinov2" else sd, tmp_path / "w.pth")
+    grid = patch.reshape(1, 8, 8, 32).permute(0, 3, 1, 2)
+    expected = {
+        "dinov2": torch.nn.functional.interpolate(grid, scale_factor=(4.1 / 8, 4.1 / 8), mode="bicubic", antialias=False)
+        .permute(0, 2, 3, 1).reshape(1, 16, 32),
+        "timm": resample_abs_pos_embed(patch, new_size=[4, 4], num_prefix_tokens=0),
+    }
+    loaded = {}
+    for mode in ("dinov2", "timm"):
+        enc = _encoder(pretrained=True, weights=str(tmp_path / "w.pth"), pos_embed_resample=mode)
+        enc.load_weights()
+        loaded[mode] = enc.vit.pos_embed.detach()
+        torch.testing.assert_close(loaded[mode], expected[mode])
+    assert not torch.allclose(loaded["dinov2"], loaded["timm"], atol=1e-4)
+    with pytest.raises(ValueError, match="pos_embed_resample"):
+        _encoder(pos_embed_resample="nearest")

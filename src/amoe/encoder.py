@@ -9,12 +9,14 @@ is only used when the config says ``pretrained: false`` and then a loud warning 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import NamedTuple
 
 import timm
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,22 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
 
 
+def resample_pos_embed_dinov2(pos: torch.Tensor, grid: tuple[int, int], offset: float = 0.1) -> torch.Tensor:
+    """DINOv2's own position-embedding interpolation (what the release runs at every forward): bicubic,
+    no anti-aliasing, scale factor (h + offset) / M from its M×M pre-training grid.
+
+    pos: (1, T + M*M, D) with T prefix slots (0 or the CLS slot) -> (1, T + h*w, D).
+    """
+    m = math.isqrt(pos.shape[1])
+    prefix, patch = pos[:, : pos.shape[1] - m * m], pos[:, pos.shape[1] - m * m :]
+    d = pos.shape[-1]
+    x = rearrange(patch.float(), "1 (m n) d -> 1 d m n", m=m)
+    x = F.interpolate(x, scale_factor=((grid[0] + offset) / m, (grid[1] + offset) / m), mode="bicubic", antialias=False)
+    if tuple(x.shape[-2:]) != tuple(grid):
+        raise EncoderWeightsError(f"pos_embed: DINOv2 interpolation of a {m}×{m} grid gave {tuple(x.shape[-2:])}, not {grid}.")
+    return torch.cat([prefix, rearrange(x, "1 d h w -> 1 (h w) d").to(pos.dtype)], dim=1).reshape(1, -1, d)
+
+
 class FrozenEncoder(nn.Module):
     """DINOv2 ViT from timm, frozen: ``requires_grad=False``, always ``eval()``, forward under ``no_grad``.
 
@@ -78,6 +96,8 @@ class FrozenEncoder(nn.Module):
         weights: local weights file; timm or original DINOv2 key names.
         arch: overrides for timm's constructor (``embed_dim``, ``depth``, ``num_heads``, ``patch_size``…)
             used by tiny test/demo encoders.
+        pos_embed_resample: how loaded position embeddings are fitted to the token grid: ``timm`` (bicubic,
+            anti-aliased, at load) or ``dinov2`` (DINOv2's own interpolation, as the release runs it).
     """
 
     def __init__(
@@ -88,9 +108,13 @@ class FrozenEncoder(nn.Module):
         pretrained: bool = True,
         weights: str | None = None,
         arch: dict | None = None,
+        pos_embed_resample: str = "timm",
     ):
         super().__init__()
+        if pos_embed_resample not in ("timm", "dinov2"):
+            raise ValueError(f"pos_embed_resample must be timm or dinov2, got '{pos_embed_resample}'.")
         self.name, self.pretrained, self.weights = name, pretrained, weights
+        self.pos_embed_resample = pos_embed_resample
         self.vit = timm.create_model(name, pretrained=False, img_size=img_size, num_classes=0, **(arch or {}))
         depth = len(self.vit.blocks)
         if any(i < 0 or i >= depth for i in layers):
@@ -128,8 +152,12 @@ class FrozenEncoder(nn.Module):
     def _load_checked(self, sd: dict[str, torch.Tensor], source: str) -> None:
         from timm.models.vision_transformer import checkpoint_filter_fn
 
+        sd = dict(sd)
+        grid = tuple(self.vit.patch_embed.grid_size)
+        if self.pos_embed_resample == "dinov2" and "pos_embed" in sd and math.isqrt(sd["pos_embed"].shape[1]) != grid[0]:
+            sd["pos_embed"] = resample_pos_embed_dinov2(sd["pos_embed"], grid)
         try:
-            sd = checkpoint_filter_fn(dict(sd), self.vit)  # original DINOv2 names -> timm; pos-embed resample
+            sd = checkpoint_filter_fn(sd, self.vit)  # original DINOv2 names -> timm; pos-embed resample (timm's)
         except Exception as e:
             raise EncoderWeightsError(f"{source}: cannot convert weights for '{self.name}' ({e}).") from e
         own = self.vit.state_dict()

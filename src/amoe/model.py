@@ -52,6 +52,7 @@ class AnomalyMoEConfig:
     weights: str | None = None
     encoder_arch: dict | None = None  # timm overrides for tiny encoders (embed_dim, depth, num_heads, patch_size)
     img_size: int = 392
+    pos_embed_resample: str = "timm"  # timm: bicubic anti-aliased at load | dinov2: DINOv2's interpolation (the release)
     layers: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
     fuse_groups: list[list[int]] = field(default_factory=lambda: [[0, 1, 2, 3], [4, 5, 6, 7]])
     # router
@@ -176,7 +177,9 @@ class AnomalyMoE(nn.Module):
         super().__init__()
         cfg = self.config = config or AnomalyMoEConfig()
         cfg.validate()
-        self.encoder = FrozenEncoder(cfg.encoder, tuple(cfg.layers), cfg.img_size, cfg.pretrained, cfg.weights, cfg.encoder_arch)
+        self.encoder = FrozenEncoder(
+            cfg.encoder, tuple(cfg.layers), cfg.img_size, cfg.pretrained, cfg.weights, cfg.encoder_arch, cfg.pos_embed_resample
+        )
         dim, grid = self.encoder.dim, self.encoder.grid
         patch = self.encoder.vit.patch_embed.patch_size[0]
         self.router = Router(dim, cfg.router_hidden, cfg.num_experts, cfg.top_k)
