@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_export import MIXED, exported, mixed_images  # noqa: F401  (session fixtures)
+from fixtures_export import MIXED
 from PIL import Image
 
 from amoe.cli import main

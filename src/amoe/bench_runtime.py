@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             "experts_selected": sorted(set(out.router.topk.flatten().tolist())),
             "ms_per_img_torch": best_ms(torch_pass, args.iters) / args.batch,
         }
+        xs = x.numpy()
         with tempfile.TemporaryDirectory(prefix="amoe_bench_") as tmp:
             t0 = time.perf_counter()
             onnx_dir = export(model, os.path.join(tmp, "onnx"), "onnx")
@@ -100,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
                 except ModelFolderError as e:
                     print(f"amoe bench: error: {e}")
                     return 2
-                xs = x.numpy()
                 got = inf.forward(xs)
                 res[f"ms_per_img_{rt}"] = best_ms(lambda inf=inf: inf.forward(xs), args.iters) / args.batch
                 res[f"speedup_{rt}_over_torch"] = res["ms_per_img_torch"] / res[f"ms_per_img_{rt}"]
