@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="amoe bench --runtime", description=__doc__.split("\n\n")[0])
     p.add_argument("--runtime", required=True, help="comma list of onnxruntime, openvino")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--iters", type=int, default=3, help="timed passes per path (the best counts)")
+    p.add_argument("--iters", type=int, default=2, help="timed passes per path after one warm-up (the best counts)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default 392, --quick 56)")
     p.add_argument("--threads", type=int, default=None, help="threads of every path (default: all cores; 1 on a loaded machine)")
     p.add_argument("--quick", action="store_true", help="tiny model: a smoke test of the benchmark")
