@@ -1,11 +1,12 @@
 """Shared by tests/test_export.py and tests/test_inference.py: the trained smoke checkpoint exported once
 per session (ONNX through `amoe export`, TorchScript, OpenVINO converted from the ONNX graphs) and a
-folder of mixed images (PNG, JPEG, grayscale JPEG/PNG, RGBA, 16-bit, palette, TIFF, non-ASCII name)."""
+folder of mixed images (PNG, JPEG, grayscale JPEG/PNG, RGBA, 16-bit gray and colour, palette, TIFF, non-ASCII name)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import tifffile
@@ -32,6 +33,8 @@ MIXED = {
     "sub/rgba.png": lambda p: save(p, np.dstack([smooth(25, 25, seed=7), np.full((25, 25), 128, np.uint8)])),
     "sub/pal.png": lambda p: save(p, smooth(20, 36, seed=8), "P"),
     "sub/t.tiff": lambda p: tifffile.imwrite(p, smooth(20, 28, seed=9)),
+    "sub/rgb16.tiff": lambda p: tifffile.imwrite(p, smooth(22, 26, seed=11).astype(np.uint16) * 250),
+    "sub/rgb16.png": lambda p: cv2.imwrite(str(p), smooth(26, 22, seed=12).astype(np.uint16) * 257),
     "sub/Prüfstück.png": lambda p: save(p, smooth(30, 30, seed=10)),
 }
 

@@ -44,20 +44,24 @@ class Prediction(NamedTuple):
 
 
 # --- images ------------------------------------------------------------------------------------------
-def to_rgb8(arr: np.ndarray, path: str, bgr: bool = True) -> np.ndarray:
-    """A decoded array (OpenCV channel order when ``bgr``) -> (H, W, 3) uint8 RGB, with the rules of
-    ``data_modules.base.read_rgb``: alpha dropped, gray replicated, 16-bit gray scaled by its range
-    (65535 if its maximum exceeds 255, else 255), 16-bit colour by its high byte, float by its min-max."""
-    if arr.ndim == 3 and arr.shape[2] in (1, 2):
+def to_rgb8(arr: np.ndarray, path: str, bgr: bool = False, colour16: str = "range") -> np.ndarray:
+    """Any decoded array (H,W), (H,W,1|2|3|4), uint8/uint16/float -> (H,W,3) uint8 RGB. The one set of
+    rules of both readers (``data_modules.base.read_rgb`` and :func:`read_image`): alpha dropped, gray
+    replicated, 16-bit scaled by its range (65535 if its maximum exceeds 255, else 255) or, for colour
+    with ``colour16="high_byte"``, by its high byte (PIL's 16-bit RGB PNG), float by its min-max.
+    ``bgr``: the array is in OpenCV's channel order."""
+    if arr.ndim == 3 and arr.shape[2] in (1, 2):  # gray (+ alpha)
         arr = arr[..., 0]
-    if arr.ndim == 3 and arr.shape[2] >= 3:
-        arr = arr[..., 2::-1] if bgr else arr[..., :3]
-    if arr.dtype in (np.uint16, np.int32, np.uint32):
-        if arr.ndim == 3:
-            arr = (arr >> 8).astype(np.uint8)
-        else:
-            scale = 65535.0 if arr.size and float(arr.max()) > 255 else 255.0
-            arr = np.clip(arr.astype(np.float64) / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[2] in (3, 4) and bgr:
+        arr = arr[..., 2::-1]
+    elif arr.ndim == 3 and arr.shape[2] == 4:  # RGBA: drop alpha
+        arr = arr[..., :3]
+    if arr.dtype in (np.uint16, np.int32, np.uint32) and colour16 == "high_byte" and arr.ndim == 3:
+        arr = (arr >> 8).astype(np.uint8)
+    elif arr.dtype in (np.uint16, np.int32, np.uint32):
+        hi = float(arr.max()) if arr.size else 0.0
+        scale = 65535.0 if hi > 255 else 255.0
+        arr = np.clip(arr.astype(np.float64) / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
     elif arr.dtype in (np.float32, np.float64):
         if not np.isfinite(arr).all():
             raise ImageReadError(f"{path}: image holds NaN/Inf values; replace or remove the file.")
@@ -69,6 +73,8 @@ def to_rgb8(arr: np.ndarray, path: str, bgr: bool = True) -> np.ndarray:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageReadError(f"{path}: unsupported image shape {arr.shape}; expected a 2-D gray or RGB(A) image.")
     return np.ascontiguousarray(arr)
 
 
@@ -83,7 +89,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise ImageReadError(f"{path}: cannot be read as an image (truncated or not an image); replace or remove it.")
-    return to_rgb8(arr, path)
+    tiff = path.lower().endswith((".tif", ".tiff"))  # read_rgb reads TIFF with tifffile (range), PNG with PIL (high byte)
+    return to_rgb8(arr, path, bgr=True, colour16="range" if tiff else "high_byte")
 
 
 def resize_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
@@ -273,7 +280,7 @@ class Inferencer:
     # --- the model -------------------------------------------------------------------------------------
     def preprocess(self, image: np.ndarray | str | os.PathLike) -> np.ndarray:
         """A path or an (H, W[, 3|4]) RGB array (uint8, 16-bit or float) -> (3, S, S) float32 input."""
-        rgb = read_image(image) if isinstance(image, str | os.PathLike) else to_rgb8(np.asarray(image), "array", bgr=False)
+        rgb = read_image(image) if isinstance(image, str | os.PathLike) else to_rgb8(np.asarray(image), "array")
         return preprocess(rgb, self.image_size, self.size, self.mean, self.std)
 
     def class_index(self, batch: int, class_name: str | None = None) -> np.ndarray:
