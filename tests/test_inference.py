@@ -130,3 +130,21 @@ def test_missing_runtime_package_says_what_to_install(exported, monkeypatch, fmt
     monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
     with pytest.raises(ModelFolderError, match=rf"runtime '{package}' is not installed: pip install 'amoe\["):
         Inferencer(exported[fmt])
+
+
+@pytest.mark.parametrize("overrides", [{"global_expert": "ae"}, {"num_component_experts": 0, "top_k": 3}])
+def test_other_expert_layouts_export_with_parity(tmp_path, overrides):
+    """The AE-only global expert (its graph also takes the encoder tokens) and a model without component
+    experts (no class input, no part outputs) export and run with the checkpoint's scores."""
+    model = tiny_model(**overrides).eval()
+    x = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        maps, scores = model.score(model(x, ["a"] * 3, sparse=True))
+    inf = Inferencer(export(model, str(tmp_path / "ts"), "torchscript"), class_name="a")
+    meta = inf.meta["graphs"]
+    if overrides.get("global_expert") == "ae":
+        assert meta["experts"][-1]["inputs"] == ["image", "fused"]
+    else:
+        assert meta["front"]["inputs"] == ["image"] and "parts" not in meta["front"]["outputs"]
+    got = inf.forward(x.numpy())
+    assert np.abs(got["scores"] - scores.numpy()).max() < 1e-5 and np.abs(got["maps"] - maps.numpy()).max() < 1e-5

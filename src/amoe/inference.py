@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -179,7 +180,9 @@ class Graph:
             self.shapes = [[d.get_length() if d.is_static else None for d in i.get_partial_shape()] for i in self.model.inputs]
         else:
             self.torch = mod
-            self.module = mod.jit.load(path, map_location="cpu").eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+                self.module = mod.jit.load(path, map_location="cpu").eval()
             self.names, self.shapes = list(spec["inputs"]), None
 
     def __call__(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
