@@ -192,8 +192,9 @@ def metadata(model: AnomalyMoE, geometry: dict[str, int], fmt: str, ckpt_path: s
         "checkpoint_sha256": sha256(ckpt_path) if ckpt_path else None,
         "dtype": "float32",
         "preprocessing": {
-            "read": "any image file -> 8-bit RGB: gray replicated, alpha dropped, 16-bit gray scaled by its range "
-            "(65535 if its max > 255 else 255), 16-bit colour by its high byte, palette expanded",
+            "read": "any image file -> 8-bit RGB (amoe.inference.read_image = data_modules.base.read_rgb): gray "
+            "replicated, alpha dropped, palette expanded, 16-bit scaled by its range (65535 if its max > 255 else 255) "
+            "except 16-bit colour PNG (its high byte), float by its min-max",
             "channel_order": "RGB",
             "layout": "NCHW",
             "scale": 1 / 255,
