@@ -148,3 +148,20 @@ def test_other_expert_layouts_export_with_parity(tmp_path, overrides):
         assert meta["front"]["inputs"] == ["image"] and "parts" not in meta["front"]["outputs"]
     got = inf.forward(x.numpy())
     assert np.abs(got["scores"] - scores.numpy()).max() < 1e-5 and np.abs(got["maps"] - maps.numpy()).max() < 1e-5
+
+
+def test_predict_model_names_an_unreadable_image_or_skips_it(exported, tmp_path, capsys):
+    from amoe.cli import main
+    from amoe.fixture_trees import noise, save, touch
+
+    folder = tmp_path / "imgs"
+    save(folder / "ok.png", noise(30, 30, seed=1))
+    touch(folder / "broken.png", b"\x89PNG\r\n\x1a\n truncated")
+    results = tmp_path / "results"
+    assert main(["predict", "--model", str(exported["onnx"]), "--data.path", str(folder), "--model.results_root", str(results)]) == 2
+    assert "broken.png: cannot be read as an image" in capsys.readouterr().err
+    assert main(["predict", "--model", str(exported["onnx"]), "--data.path", str(folder), "--model.results_root",
+                 str(results), "--data.skip_bad_files", "true", "--model.run_name", "skip"]) == 0
+    run = results / "predict" / "skip"
+    assert json.loads((run / "summary.json").read_text())["skipped"] == 1 and "broken.png" in (run / "skipped.csv").read_text()
+    assert len((run / "scores.csv").read_text().strip().splitlines()) == 2  # header + ok.png

@@ -437,7 +437,6 @@ def predict_main(argv: list[str]) -> int:
             given = value is not None
             thresholds[kind] = float(value) if given else (thr_meta.get(kind) if thr_meta.get(kind) is not None else float("nan"))
             sources[kind] = flag if given else thr_meta.get(f"{kind}_source", "export metadata.json")
-        inf.image_threshold = None if thresholds["image"] != thresholds["image"] else thresholds["image"]
         run_dir = make_run_dir(os.path.join(args.results_root, "predict"), args.run_name)
         counts, skipped = {"images": 0, "anomalous": 0}, []
         geometry = (inf.image_size, inf.size)
