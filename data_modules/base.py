@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from amoe.inference import ImageReadError, to_rgb8
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -97,32 +99,12 @@ def find_child(folder: str | os.PathLike, *names: str) -> Path | None:
 
 
 def _to_uint8_rgb(arr: np.ndarray, path: str) -> np.ndarray:
-    """Any decoded array (H,W), (H,W,1|2|3|4), uint8/uint16/float -> (H,W,3) uint8."""
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[..., 0]
-    if arr.ndim == 3 and arr.shape[2] == 2:  # gray + alpha
-        arr = arr[..., 0]
-    if arr.ndim == 3 and arr.shape[2] == 4:  # RGBA: drop alpha
-        arr = arr[..., :3]
-    if arr.dtype == np.uint16 or arr.dtype == np.int32 or arr.dtype == np.uint32:
-        hi = float(arr.max()) if arr.size else 0.0
-        scale = 65535.0 if hi > 255 else 255.0
-        arr = np.clip(arr.astype(np.float64) / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    elif arr.dtype in (np.float32, np.float64):
-        finite = np.isfinite(arr)
-        if not finite.all():
-            raise DataError(f"{path}: image holds NaN/Inf values; replace or remove the file.")
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = ((arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)).astype(np.uint8)
-    elif arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    elif arr.dtype != np.uint8:
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise DataError(f"{path}: unsupported image shape {arr.shape}; expected a 2-D gray or RGB(A) image.")
-    return np.ascontiguousarray(arr)
+    """Any decoded array (H,W), (H,W,1|2|3|4), uint8/uint16/float -> (H,W,3) uint8 (rules shared with the
+    torch-free reader of exported models: :func:`amoe.inference.to_rgb8`)."""
+    try:
+        return to_rgb8(arr, path)
+    except ImageReadError as e:
+        raise DataError(str(e)) from e
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:

@@ -10,4 +10,5 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures_ckpt import *  # noqa: E402,F401,F403  (a trained smoke checkpoint, once per session)
 from fixtures_data import *  # noqa: E402,F401,F403  (dataset layouts)
+from fixtures_export import *  # noqa: E402,F401,F403  (the smoke checkpoint exported once; mixed images)
 from fixtures_model import *  # noqa: E402,F401,F403  (tiny encoder and model)

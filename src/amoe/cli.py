@@ -1,4 +1,6 @@
-"""``amoe`` command line: LightningCLI (fit, validate, test, predict) plus inspect-data, evaluate-maps, bench.
+"""``amoe`` command line: LightningCLI (fit, validate, test, predict) plus inspect-data, evaluate-maps, bench, export.
+
+``amoe export`` and ``amoe predict --model DIR`` (an exported model) are in :mod:`amoe.export`.
 
 Each ``fit`` gets its own run directory ``<trainer.default_root_dir>/<timestamp>`` (checkpoints, CSV
 logs, the resolved config) and ``<trainer.default_root_dir>/latest`` points at the newest; ``--ckpt_path
@@ -295,6 +297,18 @@ def main(argv: list[str] | None = None) -> int:
         from amoe.metrics import main_evaluate_maps
 
         return main_evaluate_maps(argv[1:])
+    if cmd == "export":  # deployment: TorchScript / ONNX / OpenVINO model folder (docs/DEPLOY.md)
+        from amoe.export import main as export_main
+
+        return export_main(argv[1:])
+    if cmd == "predict" and any(a == "--model" or a.startswith("--model=") for a in argv):
+        from amoe.export import predict_main  # an exported model folder instead of a checkpoint
+
+        return predict_main(argv[1:])
+    if cmd == "bench" and any(a == "--runtime" or a.startswith("--runtime=") for a in argv):
+        from amoe.bench_runtime import main as bench_runtime_main
+
+        return bench_runtime_main(argv[1:])
     if cmd == "bench":
         from amoe.bench import main as bench_main
 

@@ -88,6 +88,71 @@ def _finite(v: float | None) -> bool:
     return v is not None and math.isfinite(v)
 
 
+def _save(run_dir: str, im: Image.Image, kind: str, name: str) -> None:
+    path = os.path.join(run_dir, kind, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    im.save(path)
+
+
+def write_image_outputs(run_dir: str, path: str, name: str, rgb: np.ndarray, amap: np.ndarray, score: float,
+                        thresholds: dict[str, float], geometry: tuple[int, int] | None) -> dict[str, str]:
+    """Overlay (and mask, with a pixel threshold) of one image under ``run_dir``; returns its scores.csv row.
+    Shared by the checkpoint path (:class:`PredictionWriter`) and the exported-model path (amoe.export)."""
+    from amoe import viz
+
+    img_thr, pix_thr = thresholds["image"], thresholds["pixel"]
+    image_size, crop_size = geometry or (amap.shape[0], amap.shape[0])
+    full, covered = to_original(amap, rgb.shape[:2], image_size, crop_size)
+    if _finite(pix_thr):
+        mask = (full > pix_thr) & covered
+        vmin, vmax = 0.0, 2 * pix_thr if pix_thr > 0 else None
+    else:
+        mask, (vmin, vmax) = None, (None, None)
+    over = viz.heat_overlay(rgb, full, vmin, vmax)
+    over[~covered] = rgb[~covered]
+    if mask is not None:
+        over = viz.mask_contour(over, mask, colour=(255, 255, 255))
+    _save(run_dir, Image.fromarray(over), "overlays", name)
+    if mask is not None:
+        _save(run_dir, Image.fromarray(mask.astype(np.uint8) * 255), "masks", name)
+    anomalous = score > img_thr if _finite(img_thr) else None
+    return {
+        "path": path,
+        "score": f"{score:.6g}",
+        "anomalous": "" if anomalous is None else str(anomalous).lower(),
+        "anomalous_area": f"{float(mask.mean()):.6g}" if mask is not None else "",
+        "overlay": os.path.join("overlays", name),
+        "mask": os.path.join("masks", name) if mask is not None else "",
+    }
+
+
+def write_summary(run_dir: str, source: dict[str, Any], counts: dict[str, float], skipped: list[str],
+                  thresholds: dict[str, float], sources: dict[str, str]) -> dict[str, Any]:
+    """summary.json (and skipped.csv when files were skipped) of a predict run; logs and prints one line."""
+    if skipped:
+        pd.DataFrame({"problem": skipped}).to_csv(os.path.join(run_dir, "skipped.csv"), index=False, encoding="utf-8")
+    summary = {
+        **source,
+        "images": int(counts["images"]),
+        "anomalous": int(counts["anomalous"]),
+        "skipped": len(skipped),
+        "image_threshold": thresholds["image"] if _finite(thresholds["image"]) else None,
+        "image_threshold_source": sources["image"],
+        "pixel_threshold": thresholds["pixel"] if _finite(thresholds["pixel"]) else None,
+        "pixel_threshold_source": sources["pixel"],
+        "overlay_colour_scale": "0 (blue) .. 2 x pixel_threshold (red); white contour = mask",
+    }
+    with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    msg = (f"predict: {summary['images']} image(s), {summary['anomalous']} anomalous "
+           f"(image threshold {summary['image_threshold']}), results in {run_dir}")
+    if skipped:
+        msg += f"; {len(skipped)} unreadable file(s) skipped, listed in skipped.csv"
+    log.info(msg)
+    print(msg)
+    return summary
+
+
 class PredictionWriter(BasePredictionWriter):
     """Writes prediction results batch by batch (see the module docstring).
 
@@ -152,48 +217,18 @@ class PredictionWriter(BasePredictionWriter):
 
     # --- per batch -----------------------------------------------------------------------------
     def write_on_batch_end(self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx, dataloader_idx) -> None:
-        from amoe import viz
-
-        img_thr, pix_thr = self.thresholds["image"], self.thresholds["pixel"]
         rows = []
         for i, path in enumerate(prediction["path"]):
-            score = float(prediction["scores"][i])
-            amap = prediction["maps"][i].numpy()
             rec = self.records.get(path)
             rgb = self.dataset.load_rgb(rec) if rec is not None else read_rgb(path)  # as the model saw it
-            image_size, crop_size = self.geometry or (amap.shape[0], amap.shape[0])
-            full, covered = to_original(amap, rgb.shape[:2], image_size, crop_size)
             name = self.names.get(path) or output_names([path])[path]
-            if _finite(pix_thr):
-                mask = (full > pix_thr) & covered
-                vmin, vmax = 0.0, 2 * pix_thr if pix_thr > 0 else None
-            else:
-                mask, (vmin, vmax) = None, (None, None)
-            over = viz.heat_overlay(rgb, full, vmin, vmax)
-            over[~covered] = rgb[~covered]
-            if mask is not None:
-                over = viz.mask_contour(over, mask, colour=(255, 255, 255))
-            self._save(Image.fromarray(over), "overlays", name)
-            if mask is not None:
-                self._save(Image.fromarray(mask.astype(np.uint8) * 255), "masks", name)
-            anomalous = score > img_thr if _finite(img_thr) else None
+            row = write_image_outputs(self.run_dir, path, name, rgb, prediction["maps"][i].numpy(),
+                                      float(prediction["scores"][i]), self.thresholds, self.geometry)
             self.counts["images"] += 1
-            self.counts["anomalous"] += bool(anomalous)
-            rows.append({
-                "path": path,
-                "score": f"{score:.6g}",
-                "anomalous": "" if anomalous is None else str(anomalous).lower(),
-                "anomalous_area": f"{float(mask.mean()):.6g}" if mask is not None else "",
-                "overlay": os.path.join("overlays", name),
-                "mask": os.path.join("masks", name) if mask is not None else "",
-            })
+            self.counts["anomalous"] += row["anomalous"] == "true"
+            rows.append(row)
         pd.DataFrame(rows, columns=FIELDS).to_csv(self._csv, header=False, index=False)
         self._csv.flush()
-
-    def _save(self, im: Image.Image, kind: str, name: str) -> None:
-        path = os.path.join(self.run_dir, kind, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        im.save(path)
 
     # --- end -----------------------------------------------------------------------------------
     def on_predict_end(self, trainer, pl_module) -> None:
@@ -210,28 +245,7 @@ class PredictionWriter(BasePredictionWriter):
             merged.to_csv(os.path.join(self.run_dir, "scores.csv"), index=False, encoding="utf-8")
             for p in parts:
                 os.remove(p)
-        if self.skipped:
-            pd.DataFrame({"problem": self.skipped}).to_csv(os.path.join(self.run_dir, "skipped.csv"), index=False,
-                                                           encoding="utf-8")
-        summary = {
-            "checkpoint": self.checkpoint,
-            "images": int(counts["images"]),
-            "anomalous": int(counts["anomalous"]),
-            "skipped": len(self.skipped),
-            "image_threshold": self.thresholds["image"] if _finite(self.thresholds["image"]) else None,
-            "image_threshold_source": self.sources["image"],
-            "pixel_threshold": self.thresholds["pixel"] if _finite(self.thresholds["pixel"]) else None,
-            "pixel_threshold_source": self.sources["pixel"],
-            "overlay_colour_scale": "0 (blue) .. 2 x pixel_threshold (red); white contour = mask",
-        }
-        with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-        msg = (f"predict: {summary['images']} image(s), {summary['anomalous']} anomalous "
-               f"(image threshold {summary['image_threshold']}), results in {self.run_dir}")
-        if self.skipped:
-            msg += f"; {len(self.skipped)} unreadable file(s) skipped, listed in skipped.csv"
-        log.info(msg)
-        print(msg)
+        write_summary(self.run_dir, {"checkpoint": self.checkpoint}, counts, self.skipped, self.thresholds, self.sources)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._close()
