@@ -1,5 +1,7 @@
 """The speed-ups of docs/PERFORMANCE.md compute the same numbers as the plain formulations."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -59,3 +61,36 @@ def test_global_expert_channels_last_matches_contiguous_execution():
     torch.testing.assert_close(out.ae, ae, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.student, student, rtol=1e-5, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("aupro", [True, False])
+def test_pixel_metrics_counting_path_equals_the_sort_of_all_normal_pixels(aupro):
+    """evaluate/pixel_metrics count normal pixels per anomalous score instead of sorting them: the same
+    integer counts, so bit-identical metrics (ties, float64 maps, pieces, all-normal, all-anomalous)."""
+    import numpy as np
+
+    from amoe.metrics import _pixel_split_metrics, _split_pixels, pixel_metrics
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for trial in range(12):
+        n, s = int(rng.integers(1, 40)), int(rng.integers(4, 20))
+        maps = rng.random((n, s, s), dtype=np.float32)
+        if trial % 3 == 0:
+            maps = (rng.integers(0, 12, (n, s, s)) / 4).astype(np.float32)  # many ties, also with normal pixels
+        if trial % 4 == 1:
+            maps = maps.astype(np.float64)  # float32-exact float64 takes the same path
+        masks = rng.random((n, s, s)) < (0.1, 0.3, 0.02)[trial % 3]
+        cases.append(([maps], [masks]))
+        cases.append(([maps[: n // 2 + 1], maps[n // 2 + 1 :]], [masks[: n // 2 + 1], masks[n // 2 + 1 :]]))  # pieces
+    maps = rng.random((3, 8, 8), dtype=np.float32)
+    cases += [([maps], [np.zeros_like(maps, bool)]), ([maps], [np.ones_like(maps, bool)])]
+    for maps_l, masks_l in cases:
+        maps_l = [m for m in maps_l if len(m)]
+        masks_l = [k for k in masks_l if len(k)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # undefined metrics (no normal / no anomalous pixel)
+            got = pixel_metrics(maps_l, masks_l, aupro=aupro)
+            neg, pos, sizes = _split_pixels(maps_l, masks_l, regions=aupro)
+            ref = _pixel_split_metrics(neg, pos, sizes if aupro else None, 0.3)
+        assert str(got) == str(ref)  # bit-identical, NaN included
