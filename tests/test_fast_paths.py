@@ -94,3 +94,39 @@ def test_pixel_metrics_counting_path_equals_the_sort_of_all_normal_pixels(aupro)
             neg, pos, sizes = _split_pixels(maps_l, masks_l, regions=aupro)
             ref = _pixel_split_metrics(neg, pos, sizes if aupro else None, 0.3)
         assert str(got) == str(ref)  # bit-identical, NaN included
+
+
+def test_deferred_finite_check_stops_training_at_the_next_check(tmp_path, monkeypatch, capsys):
+    """On an accelerator training_step reads its NaN/Inf flags every FINITE_CHECK_EVERY steps (no host sync
+    per step). Emulated on CPU with a check every 4 steps: a NaN loss at step 1 stops the fit at step 3."""
+    import math
+
+    from test_bad_input import _ckpts, _fit
+
+    from amoe.encoder import FrozenEncoder
+    from amoe.module import AnomalyMoEModule
+
+    forward, step = FrozenEncoder.forward, AnomalyMoEModule.training_step
+    poison = {"on": False}
+
+    def nan_forward(self, x):
+        out = forward(self, x)
+        return out._replace(layers=[t.clone().fill_(math.nan) for t in out.layers]) if poison["on"] else out
+
+    def training_step(self, batch, batch_idx):
+        poison["on"] = self.global_step == 1
+        try:
+            return step(self, batch, batch_idx)
+        finally:
+            poison["on"] = False
+
+    monkeypatch.setattr(FrozenEncoder, "forward", nan_forward)
+    monkeypatch.setattr(AnomalyMoEModule, "training_step", training_step)
+    monkeypatch.setattr(AnomalyMoEModule, "FINITE_CHECK_EVERY", 4)
+    monkeypatch.setattr(AnomalyMoEModule, "_finite_check_due", lambda self: (self.global_step + 1) % 4 == 0)
+    assert _fit(tmp_path, "--trainer.max_steps", "8") == 1
+    err = capsys.readouterr().err
+    assert "steps 0..2" in err and "NaN/Inf" in err
+    for p in _ckpts(tmp_path):  # any checkpoint written holds finite weights (non-finite ones are refused)
+        ck = torch.load(p, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if torch.is_tensor(v) and v.is_floating_point())
