@@ -44,6 +44,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from amoe.model import GROUPS, AnomalyMoE, AnomalyMoEConfig
@@ -381,27 +382,17 @@ def _meminfo_mb(field: str, path: str = "/proc/meminfo") -> float | None:
     return None
 
 
-def _reset_peak_rss() -> float | None:
-    """Reset this process's peak RSS (VmHWM) to its RSS (Linux) and return the RSS in MB; None elsewhere."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    return _meminfo_mb("VmRSS", "/proc/self/status")
-
-
-def _fitting_train_batch(requested: int, rss0: float | None) -> tuple[int, str]:
-    """The largest batch <= ``requested`` whose training step fits in the free memory, from the 1-image
-    step just run: activations per image = its peak RSS - the RSS after it (gradients and optimiser state
-    stay allocated). The paper-sized model in fp32 needs ~7 GB of state plus ~4 GB per image, so batch 4
-    does not fit a 24 GB machine (measured: killed by the OOM killer at 22.7 GB)."""
-    peak, now, free = _meminfo_mb("VmHWM", "/proc/self/status"), _meminfo_mb("VmRSS", "/proc/self/status"), _meminfo_mb("MemAvailable")
-    if rss0 is None or None in (peak, now, free):
+def _fitting_train_batch(requested: int, per_img_mb: float) -> tuple[int, str]:
+    """The largest batch <= ``requested`` whose training step fits in the available memory, from the
+    tensors the 1-image step kept for its backward (``per_img_mb``; +25 % for the backward's transients,
+    1 GB spare). The paper-sized model in fp32 keeps ~4.5 GB per image on top of ~8.5 GB of weights,
+    gradients and optimiser state, so batch 4 does not fit a 24 GB machine (it was killed by the OOM
+    killer at 22.7 GB)."""
+    free = _meminfo_mb("MemAvailable")
+    if free is None:
         return requested, "requested (no memory information)"
-    per_img = max(peak - now, 1.0)
-    fits = max(1, min(requested, int((free - 1024) / (1.25 * per_img))))
-    why = f"{per_img / 1024:.1f} GB of activations per image, {free / 1024:.1f} GB available"
+    fits = max(1, min(requested, int((free - 1024) / (1.25 * max(per_img_mb, 1.0)))))
+    why = f"{per_img_mb / 1024:.1f} GB kept for the backward per image, {free / 1024:.1f} GB available"
     return fits, ("requested; " if fits == requested else f"batch {requested} does not fit: ") + why
 
 
@@ -433,8 +424,17 @@ def bench_train_step(model: AnomalyMoE, batch: int, warmup: int, dtype: str = "f
     def scope(name):
         return torch.autograd.profiler.record_function(f"stage:{name}")
 
+    saved: dict[int, int] = {}  # storages kept for the backward by the last step: data_ptr -> bytes
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
     def step(n=batch):
-        with autocast(dtype):  # Lightning's bf16-mixed: forward and losses under autocast, backward outside
+        saved.clear()
+        with autocast(dtype), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            # Lightning's bf16-mixed: forward and losses under autocast, backward outside
             out = model(x[:n], classes[:n])  # dense; the AE view is jittered -> a second encoder pass
             with scope("loss"):
                 losses = model.loss(out)
@@ -454,9 +454,8 @@ def bench_train_step(model: AnomalyMoE, batch: int, warmup: int, dtype: str = "f
         return losses
 
     try:
-        rss0 = _reset_peak_rss()
         flops1 = train_step_flops(model, lambda: step(1), dtype)
-        batch, why = _fitting_train_batch(batch, rss0)
+        batch, why = _fitting_train_batch(batch, sum(saved.values()) / 2**20)
         flops = {k: v * batch for k, v in flops1.items()}
         for _ in range(warmup):
             step()
