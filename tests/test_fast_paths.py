@@ -103,25 +103,17 @@ def test_deferred_finite_check_stops_training_at_the_next_check(tmp_path, monkey
 
     from test_bad_input import _ckpts, _fit
 
-    from amoe.encoder import FrozenEncoder
+    from amoe.model import AnomalyMoE
     from amoe.module import AnomalyMoEModule
 
-    forward, step = FrozenEncoder.forward, AnomalyMoEModule.training_step
-    poison = {"on": False}
+    loss, calls = AnomalyMoE.loss, []
 
-    def nan_forward(self, x):
-        out = forward(self, x)
-        return out._replace(layers=[t.clone().fill_(math.nan) for t in out.layers]) if poison["on"] else out
+    def nan_loss(self, out):  # the second training step's loss (step 1) is NaN, and so is every update after it
+        calls.append(1)
+        losses = loss(self, out)
+        return losses._replace(total=losses.total * math.nan) if len(calls) == 2 else losses
 
-    def training_step(self, batch, batch_idx):
-        poison["on"] = self.global_step == 1
-        try:
-            return step(self, batch, batch_idx)
-        finally:
-            poison["on"] = False
-
-    monkeypatch.setattr(FrozenEncoder, "forward", nan_forward)
-    monkeypatch.setattr(AnomalyMoEModule, "training_step", training_step)
+    monkeypatch.setattr(AnomalyMoE, "loss", nan_loss)
     monkeypatch.setattr(AnomalyMoEModule, "FINITE_CHECK_EVERY", 4)
     monkeypatch.setattr(AnomalyMoEModule, "_finite_check_due", lambda self: (self.global_step + 1) % 4 == 0)
     assert _fit(tmp_path, "--trainer.max_steps", "8") == 1
