@@ -122,3 +122,29 @@ def test_deferred_finite_check_stops_training_at_the_next_check(tmp_path, monkey
     for p in _ckpts(tmp_path):  # any checkpoint written holds finite weights (non-finite ones are refused)
         ck = torch.load(p, weights_only=True)
         assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def test_linear_attention_in_place_phi_matches_elu_plus_one_with_gradients():
+    """φ = ELU + 1 is added in place (F.elu(q).add_(1)): same outputs and gradients as F.elu(q) + 1."""
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    from amoe.patch_experts import LinearAttention
+
+    torch.manual_seed(0)
+    attn = LinearAttention(32, 4)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+
+    def plain(x):
+        q, k, v = rearrange(attn.qkv(x), "b t (three h d) -> three b h t d", three=3, h=attn.num_heads)
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        kv = torch.einsum("bhtd,bhte->bhde", k, v)
+        z = 1.0 / (torch.einsum("bhtd,bhd->bht", q, k.sum(dim=2)) + attn.eps)
+        return attn.proj(rearrange(torch.einsum("bhtd,bhde->bhte", q, kv) * z[..., None], "b h t d -> b t (h d)"))
+
+    out, ref = attn(x), plain(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g_out = torch.autograd.grad(out.square().sum(), [x, *attn.parameters()])
+    g_ref = torch.autograd.grad(ref.square().sum(), [x, *attn.parameters()])
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
