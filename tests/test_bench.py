@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from amoe.bench import main, make_routes, quick_config
@@ -29,6 +30,11 @@ def test_quick_bench_prints_the_json_with_finite_values(capsys):
         assert isinstance(out[key], float) and math.isfinite(out[key]), key
     assert out["max_abs_score_diff"] <= 1e-5
     assert set(out["train_step_breakdown_ms"]) >= {"encoder", "patch", "component", "global", "router_esb", "eir_club"}
+    for key in ("train_ms_per_step", "train_flops_utilization"):
+        assert set(out[key]) == {"fp32", "bf16"}, key
+        assert all(v > 0 for v in out[key].values()), key
+    for table in out["train_stage_table"].values():  # per-stage FLOPs add up to at most the step's total
+        assert set(table) >= {"encoder", "patch", "component", "global", "eir_club", "optimizer", "other"}
     numbers = [(p, v) for p, v in _leaves(out) if isinstance(v, float)]
     bad = [p for p, v in numbers if not math.isfinite(v)]
     assert not bad, bad
@@ -55,3 +61,30 @@ def test_op_profile_prints_one_table_per_stage_and_dtype(capsys):
     shares = [float(line.split("|")[2].strip().rstrip("%")) for line in out.splitlines() if line.startswith("| `")]
     assert shares and all(1.0 <= s <= 100.0 for s in shares)
     assert "aten::addmm" in out or "aten::mm" in out  # the GEMMs are there
+
+
+def test_train_only_prints_the_training_keys(capsys):
+    assert main(["--quick", "--train", "--dtypes", "fp32", "--train-batch", "2", "--peak-size", "128", "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["train_ms_per_step"]) == set(out["train_flops_utilization"]) == {"fp32"}
+    assert 0 < out["train_flops_utilization"]["fp32"] < 1.5
+    assert "sparse_ms_per_img" not in out and out["train_loss_finite"] is True
+
+
+def test_training_step_flops_are_linear_in_the_batch_and_add_up():
+    """bench_train counts a 1-image step and scales it by the batch: that must be exact."""
+    from amoe.bench import build_model, train_step_flops
+
+    model = build_model(quick_config()).train()
+    x = torch.randn(3, 3, 56, 56)
+
+    def step(n):
+        out = model(x[:n], ["bench"] * n)
+        model.loss(out).total.backward()
+        model.eir.estimator_loss(out.reps).backward()
+
+    one, three = (train_step_flops(model, lambda n=n: step(n), "fp32") for n in (1, 3))
+    for k, v in one.items():
+        assert three[k] == pytest.approx(3 * v, rel=1e-6, abs=1.0), k
+    parts = one["encoder"] + one["patch"] + one["component"] + one["global"] + one["eir_club"]
+    assert parts == pytest.approx(one["total"]) and one["patch"] > 0 and one["global"] > 0

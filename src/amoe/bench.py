@@ -19,8 +19,11 @@ noisy machine:
   attention kernel has no formula in torch; the standard SDPA formula (4·T²·d per head) is registered
   for it, so the encoder's attention counts.
 * **stages**: forward hooks time the encoder, router and each expert group inside every timed pass.
-* **train step**: batch 2, fp32, dense, as ``AnomalyMoEModule.training_step`` (both optimisers), profiled
-  with ``torch.profiler``; backward ops are attributed to the stage whose forward op created them.
+* **train step**: batch 4 (or the largest that fits in memory), fp32 and bf16-mixed, dense, as ``AnomalyMoEModule.training_step`` (the AE view's
+  second encoder pass, both optimisers), profiled with ``torch.profiler``; backward ops are attributed to the
+  stage whose forward op created them. FLOPs (forward + backward) from FlopCounterMode on a 1-image step,
+  times the batch; ``train_flops_utilization`` = FLOPs / step time / same-run matmul peak. ``--train``:
+  only this.
 
 The last line printed is one JSON object.
 """
@@ -41,6 +44,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from amoe.model import GROUPS, AnomalyMoE, AnomalyMoEConfig
@@ -277,8 +281,125 @@ def score_diffs(model: AnomalyMoE, res: dict[str, Any], dtype: str) -> tuple[flo
 
 
 # --- training --------------------------------------------------------------------------------------
-def bench_train_step(model: AnomalyMoE, batch: int, warmup: int) -> dict[str, Any]:
-    """One fp32 dense training step as AnomalyMoEModule.training_step (without Lightning), profiled."""
+TRAIN_STAGES = ("encoder", *GROUPS, "router_esb", "eir_club", "optimizer", "other")
+
+
+def bench_train(model: AnomalyMoE, args, dtypes: list[str]) -> dict[str, Any]:
+    """One training step per dtype as ``AnomalyMoEModule.training_step`` (without Lightning): dense experts,
+    the AE view's jittered second encoder pass, StableAdamW with grad clipping, the CLUB step; bf16 runs
+    the forward and the losses under autocast, as Lightning's ``bf16-mixed``.
+
+    Per dtype: a 1-image step under FlopCounterMode (the FLOPs, forward and backward, scaled by the batch;
+    it also warms up every forward and backward op), ``--train-warmup`` untimed steps, then one profiled,
+    timed step at ``--train-batch`` (or the largest batch that fits in memory) with matmul peak samples
+    around it."""
+    out: dict[str, Any] = {"ms": {}, "util": {}, "stages": {}, "peak": {}, "breakdown": {}, "finite": {}, "batch": {}, "batch_reason": {}, "ms_img": {}}
+    for dt in dtypes:
+        peak = Peak(DTYPES[dt], args.peak_size)
+        peak.sample(3)
+        r = bench_train_step(model, args.train_batch, args.train_warmup, dt, peak)
+        peak.sample(3)
+        total_flops = r["flops"]["total"]
+        out["ms"][dt] = round(1e3 * r["seconds"], 1)
+        out["ms_img"][dt] = round(1e3 * r["seconds"] / r["batch"], 1)
+        out["util"][dt] = round(total_flops / r["seconds"] / peak.best, 3)
+        out["peak"][dt] = round(peak.best / 1e9, 1)
+        out["breakdown"][dt] = {k: round(1e3 * v, 1) for k, v in r["stage_seconds"].items()}
+        out["finite"][dt] = r["finite"]
+        out["batch"][dt], out["batch_reason"][dt] = r["batch"], r["batch_reason"]
+        out["stages"][dt] = {
+            s: {
+                "ms": round(1e3 * r["stage_seconds"][s], 1),
+                "gflop": round(r["flops"].get(s, 0.0) / 1e9, 2),
+                "utilization": round(r["flops"][s] / r["stage_seconds"][s] / peak.best, 3)
+                if r["flops"].get(s) and r["stage_seconds"][s] > 0 else None,
+            }
+            for s in TRAIN_STAGES
+        }
+        log.info("%s train step  %8.1f ms (batch %d: %s), utilisation %.3f", dt, 1e3 * r["seconds"], r["batch"], r["batch_reason"], out["util"][dt])
+    first = dtypes[0]
+    return {
+        "train_ms_per_step": out["ms"],
+        "train_ms_per_img": out["ms_img"],
+        "train_flops_utilization": out["util"],
+        "train_stage_table": out["stages"],
+        "train_peak_gflops": out["peak"],
+        "train_batch": out["batch"],
+        "train_batch_reason": out["batch_reason"],
+        # the keys of the earlier batch-2 fp32 measurement, now from the first dtype's step
+        "train_step_ms": out["ms"][first],
+        "train_step_breakdown_ms": out["breakdown"][first],
+        "train_loss_finite": all(out["finite"].values()),
+    }
+
+
+def train_step_flops(model: AnomalyMoE, one_step: Callable[[], Any], dtype: str) -> dict[str, float]:
+    """FLOPs of one training step (forward + backward), per stage. FlopCounterMode's total is exact, but
+    its module attribution of backward ops is not (on a toy model the stages summed to twice the total).
+    So: total and encoder (forward only, frozen) from the step itself; each expert group = its number of
+    experts × the forward + backward of its first expert, re-run alone on the input it got in the step
+    (its backward is the same graph: the inputs need no gradient); the rest (router, losses, ESB, EIR and
+    the CLUB step) = total − those."""
+    inputs: dict[str, tuple] = {}
+    firsts = {g: getattr(model, f"{g}_experts")[0] for g in GROUPS if len(getattr(model, f"{g}_experts"))}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, g=g: inputs.setdefault(g, tuple(a.detach() for a in args)))
+        for g, m in firsts.items()
+    ]
+    try:
+        with flop_counter() as fc:
+            one_step()
+    finally:
+        for h in hooks:
+            h.remove()
+    counted = stage_flops(fc)
+    out = {"total": counted["total"], "encoder": counted["encoder"]}
+    model.train()
+    for g in GROUPS:
+        out[g] = 0.0
+        if g not in firsts:
+            continue
+        with flop_counter() as fc_g, autocast(dtype):
+            res = firsts[g](*inputs[g])
+            leaves = [t for t in (res if isinstance(res, list | tuple) else [res]) if isinstance(t, torch.Tensor)]
+            loss = sum(t.float().sum() for t in leaves)
+        with flop_counter() as fc_b:
+            loss.backward()
+        firsts[g].zero_grad(set_to_none=True)
+        out[g] = float(fc_g.get_total_flops() + fc_b.get_total_flops()) * len(getattr(model, f"{g}_experts"))
+    out["router_esb"] = 0.0  # a (B, D) x (D, 256) MLP: counted in eir_club below
+    out["eir_club"] = max(0.0, out["total"] - out["encoder"] - sum(out[g] for g in GROUPS))
+    return out
+
+
+def _meminfo_mb(field: str, path: str = "/proc/meminfo") -> float | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _fitting_train_batch(requested: int, per_img_mb: float) -> tuple[int, str]:
+    """The largest batch <= ``requested`` whose training step fits in the available memory, from the
+    tensors the 1-image step kept for its backward (``per_img_mb``, 1 GB spare). That count is above the
+    real growth (paper model, fp32: 5.4 GB saved per image, the peak RSS of a 1-image step grew by 4.1 GB
+    over its ~8.5 GB of weights, gradients and optimiser state), so batch 4 (~27 GB) does not fit a 24 GB
+    machine: it was killed by the OOM killer at 22.7 GB."""
+    free = _meminfo_mb("MemAvailable")
+    if free is None:
+        return requested, "requested (no memory information)"
+    fits = max(1, min(requested, int((free - 1024) / max(per_img_mb, 1.0))))
+    why = f"{per_img_mb / 1024:.1f} GB kept for the backward per image, {free / 1024:.1f} GB available"
+    return fits, ("requested; " if fits == requested else f"batch {requested} does not fit: ") + why
+
+
+def bench_train_step(model: AnomalyMoE, batch: int, warmup: int, dtype: str = "fp32", peak: Peak | None = None) -> dict[str, Any]:
+    """One dense training step as AnomalyMoEModule.training_step (without Lightning), profiled: its wall
+    time, per-stage time (forward + backward) and per-stage FLOPs (counted on a 1-image step, times ``batch``)."""
     from optimi import StableAdamW
 
     cfg = model.config
@@ -304,10 +425,20 @@ def bench_train_step(model: AnomalyMoE, batch: int, warmup: int) -> dict[str, An
     def scope(name):
         return torch.autograd.profiler.record_function(f"stage:{name}")
 
-    def step():
-        out = model(x, classes)  # dense; the AE view is jittered -> a second encoder pass
-        with scope("loss"):
-            losses = model.loss(out)
+    saved: dict[int, int] = {}  # storages kept for the backward by the last step: data_ptr -> bytes
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def step(n=batch):
+        saved.clear()
+        with autocast(dtype), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            # Lightning's bf16-mixed: forward and losses under autocast, backward outside
+            out = model(x[:n], classes[:n])  # dense; the AE view is jittered -> a second encoder pass
+            with scope("loss"):
+                losses = model.loss(out)
         with scope("zero_grad"):
             opt.zero_grad(set_to_none=True)
         losses.total.backward()
@@ -324,15 +455,21 @@ def bench_train_step(model: AnomalyMoE, batch: int, warmup: int) -> dict[str, An
         return losses
 
     try:
+        flops1 = train_step_flops(model, lambda: step(1), dtype)
+        batch, why = _fitting_train_batch(batch, sum(saved.values()) / 2**20)
+        flops = {k: v * batch for k, v in flops1.items()}
         for _ in range(warmup):
             step()
+        if peak is not None:
+            peak.sample()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
-            losses = step()
+            losses = step(batch)
             total = time.perf_counter() - t0
     finally:
         for h in handles:
             h.remove()
+        model.zero_grad(set_to_none=True)  # frees ~1.7 GB of gradients before the next dtype's step
         model.eval()
     breakdown = attribute(prof.events())
     merged = {
@@ -344,9 +481,12 @@ def bench_train_step(model: AnomalyMoE, batch: int, warmup: int) -> dict[str, An
     }
     merged["other"] = max(0.0, total - sum(merged.values()))
     return {
-        "train_step_ms": 1e3 * total,
-        "train_step_breakdown_ms": {k: round(1e3 * v, 1) for k, v in merged.items()},
-        "train_loss_finite": bool(torch.isfinite(losses.total)),
+        "batch": batch,
+        "batch_reason": why,
+        "seconds": total,
+        "stage_seconds": merged,
+        "flops": flops,
+        "finite": bool(torch.isfinite(losses.total)),
     }
 
 
@@ -396,7 +536,22 @@ def _descendant_scopes(evt):
 
 
 # --- report ----------------------------------------------------------------------------------------
-def report(model: AnomalyMoE, args, res: dict[str, Any], train: dict[str, Any] | None, wall: float) -> dict[str, Any]:
+def report(model: AnomalyMoE, args, res: dict[str, Any] | None, train: dict[str, Any] | None, wall: float) -> dict[str, Any]:
+    out = inference_report(model, args, res) if res is not None else {}
+    if train:
+        out.update(train)
+    out["setup"] = {
+        "batch": args.batch, "img_size": model.config.img_size, "quick": args.quick, "routing": args.routing, "warmup": args.warmup,
+        "iters": args.iters, "dense_warmup": args.dense_warmup, "dense_iters": args.dense_iters, "peak_size": args.peak_size,
+        "train_batch": args.train_batch, "train_warmup": args.train_warmup,
+        "threads": torch.get_num_threads(), "threads_reason": args.threads_reason, "load_average_at_start": args.load,
+        "torch": torch.__version__, "cpu": _cpu_name(),
+        "wall_s": round(wall, 1),
+    }
+    return out
+
+
+def inference_report(model: AnomalyMoE, args, res: dict[str, Any]) -> dict[str, Any]:
     b = args.batch
     dtypes = list(res["peak"])
     patterns = list(res["routes"])
@@ -470,15 +625,6 @@ def report(model: AnomalyMoE, args, res: dict[str, Any], train: dict[str, Any] |
         lo, hi = res["outputs"][("bf16", "sparse", "worst")], res["outputs"][("fp32", "sparse", "worst")]
         with torch.no_grad():
             out["bf16_vs_fp32_max_abs_score_diff"] = (model.score(lo).scores - model.score(hi).scores).abs().max().item()
-    if train:
-        out.update(train)
-    out["setup"] = {
-        "batch": b, "img_size": model.config.img_size, "quick": args.quick, "routing": args.routing, "warmup": args.warmup, "iters": args.iters,
-        "dense_warmup": args.dense_warmup, "dense_iters": args.dense_iters, "peak_size": args.peak_size,
-        "threads": torch.get_num_threads(), "threads_reason": args.threads_reason, "load_average_at_start": args.load,
-        "torch": torch.__version__, "cpu": _cpu_name(),
-        "wall_s": round(wall, 1),
-    }
     return out
 
 
@@ -567,9 +713,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="forced routes: every sample the same K experts (default), or spread over each group's experts",
     )
     p.add_argument("--peak-size", type=int, default=None, help="matmul side for the peak (default 4096, --quick: 256)")
-    p.add_argument("--train-batch", type=int, default=2)
-    p.add_argument("--train-warmup", type=int, default=0, help="untimed training steps before the profiled one")
+    p.add_argument("--train-batch", type=int, default=4, help="training-step batch (the paper's 4)")
+    p.add_argument(
+        "--train-warmup", type=int, default=0,
+        help="untimed full-batch training steps before the profiled one (a 1-image counting step always runs first)",
+    )
     p.add_argument("--no-train", action="store_true", help="skip the training step")
+    p.add_argument("--train", action="store_true", help="only the training step (no inference passes)")
     p.add_argument(
         "--threads", type=int, default=None,
         help="torch threads (default: all cores on an idle machine; 1 when the load average shows other work)",
@@ -582,6 +732,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
     if bad:
         p.error(f"unknown dtype(s) {bad}; use fp32 and/or bf16")
+    if args.train and args.no_train:
+        p.error("--train and --no-train exclude each other")
     return args
 
 
@@ -611,11 +763,13 @@ def _run(args: argparse.Namespace) -> int:
         "quick toy model" if args.quick else cfg.encoder, cfg.img_size, args.batch, cfg.num_patch_experts,
         cfg.num_component_experts, cfg.num_global_experts, cfg.top_k, torch.get_num_threads(),
     )
-    res = bench_inference(model, args, args.dtypes.split(","))
-    train = None if args.no_train else bench_train_step(model, args.train_batch, args.train_warmup)
+    dtypes = args.dtypes.split(",")
+    res = None if args.train else bench_inference(model, args, dtypes)
+    train = None if args.no_train else bench_train(model, args, dtypes)
     out = report(model, args, res, train, time.perf_counter() - t0)
-    for key in ("encoder_ms_per_img", "dense_ms_per_img", "sparse_ms_per_img", "stage_utilization"):
-        log.info("%s: %s", key, json.dumps(out[key]))
+    for key in ("encoder_ms_per_img", "dense_ms_per_img", "sparse_ms_per_img", "stage_utilization", "train_stage_table"):
+        if key in out:
+            log.info("%s: %s", key, json.dumps(out[key]))
     print(json.dumps(out), flush=True)
     return 0
 

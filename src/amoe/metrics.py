@@ -97,12 +97,20 @@ def _roc_pr(g: _Groups | None, p: int, n: int, prefix: str) -> dict[str, float]:
     if g is None or p == 0 or n == 0:
         why = "no positive samples" if p == 0 else "no negative samples"
         return {k: _degenerate(k, why) for k in keys}
+    # in place where it keeps the values: every array here has one entry per group (up to one per pixel)
     cnt = np.diff(g.tp, prepend=0)  # positives in each group
-    below2 = (n - g.fp_at) + (n - g.fp_before)  # 2 x (negatives below) + negatives tied
+    below2 = np.subtract(2 * n, g.fp_at)
+    below2 -= g.fp_before  # 2 x (negatives below) + negatives tied (exact integers)
     auroc = float(np.dot(cnt, below2)) / (2.0 * p * n)
-    precision = g.tp / (g.tp + g.fp_at)
+    del below2
+    denom = g.tp + g.fp_at
+    precision = g.tp / denom
     ap = float(np.dot(cnt / p, precision))  # sum_k (R_k - R_{k-1}) P_k
-    f1max = float(np.max(2.0 * g.tp / (g.tp + g.fp_at + p)))  # 2TP / (TP + FP + P)
+    del precision, cnt
+    denom += p
+    f1 = 2.0 * g.tp
+    f1 /= denom
+    f1max = float(np.max(f1))  # 2TP / (TP + FP + P)
     return dict(zip(keys, (auroc, ap, f1max)))
 
 
@@ -112,16 +120,21 @@ def _trapezoid(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     x (n,) ascending (repeats allowed), y (n,).
     """
     finite = np.isfinite(x) & np.isfinite(y)
-    x, y = x[finite], y[finite]
+    if not finite.all():
+        x, y = x[finite], y[finite]
+    del finite
     correction = 0.0
     if not np.any(x == x_max):
         ins = int(np.searchsorted(x, x_max, side="right"))
         assert 0 < ins < len(x), "x_max must lie inside the curve"
         y_at = y[ins - 1] + (y[ins] - y[ins - 1]) * (x_max - x[ins - 1]) / (x[ins] - x[ins - 1])
         correction = 0.5 * (y_at + y[ins - 1]) * (x_max - x[ins - 1])
-    keep = x <= x_max
-    x, y = x[keep], y[keep]
-    return float(np.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1])) + correction)
+    keep = int(np.searchsorted(x, x_max, side="right"))  # x ascending: x <= x_max is a prefix
+    x, y = x[:keep], y[:keep]
+    terms = y[1:] + y[:-1]
+    terms *= 0.5
+    terms *= x[1:] - x[:-1]
+    return float(np.sum(terms) + correction)
 
 
 def _overlap_area(
@@ -158,14 +171,24 @@ def _metrics_from_split(
     neg_sorted (N,) ascending; pos_desc (P,) descending; region_desc (P,) region id (1..R) of each positive.
     """
     p, n = pos_desc.shape[0], neg_sorted.shape[0]
-    g = _groups(neg_sorted, pos_desc) if p and n else None
+    return _metrics_from_groups(_groups(neg_sorted, pos_desc) if p and n else None, p, n, region_desc, sizes, limit, prefix)
+
+
+def _metrics_from_groups(
+    g: _Groups | None, p: int, n: int, region_desc: np.ndarray | None, sizes: np.ndarray | None, limit: float, prefix: str
+) -> dict[str, float]:
+    """AUROC/AP/F1-max (+ AUPRO when sizes is given) from the positive groups (None: p or n is 0)."""
     out = _roc_pr(g, p, n, prefix)
     if sizes is not None:
         if g is None or len(sizes) == 0:
             out[f"{prefix}aupro"] = _degenerate(f"{prefix}aupro", "no GT regions or no normal pixels")
         else:
             weight = np.concatenate(([0.0], 1.0 / sizes))  # PRO gain of a pixel of region r: 1 / |r|
-            pro = np.cumsum(weight[region_desc])[g.ends] / len(sizes)
+            gain = weight[region_desc]
+            np.cumsum(gain, out=gain)
+            pro = gain[g.ends]
+            del gain
+            pro /= len(sizes)
             out[f"{prefix}aupro"] = _overlap_area(g.fp_before, g.fp_at, pro, n, 1.0, [limit])[limit]
     return out
 
@@ -198,16 +221,50 @@ def _plane8() -> np.ndarray:
     return s
 
 
-def _chunks(maps: Sequence[Any], masks: Sequence[Any]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (maps (b, H, W), masks (b, H, W)) pieces of at most _CHUNK images."""
+def _chunks(maps: Sequence[Any], masks: Sequence[Any], chunk: int = _CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (maps (b, H, W), masks (b, H, W)) pieces of at most ``chunk`` images."""
     for m, k in zip(maps, masks):
         m, k = _np(m), _np(k)
         if m.ndim == 2:
             m, k = m[None], k[None]
         if m.shape != k.shape:
             raise ValueError(f"maps {m.shape} and masks {k.shape} differ in shape")
-        for i in range(0, m.shape[0], _CHUNK):
-            yield m[i : i + _CHUNK], k[i : i + _CHUNK]
+        for i in range(0, m.shape[0], chunk):
+            yield m[i : i + chunk], k[i : i + chunk]
+
+
+def _keyed_chunks(maps: Sequence[Any], masks: Sequence[Any], chunk: int = _CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (sortable keys (b*H*W,) uint32, masks (b, H, W) bool) per piece of at most ``chunk`` images."""
+    for m, k in _chunks(maps, masks, chunk):
+        m = np.asarray(m, dtype=np.float32)
+        if np.isnan(m).any():
+            raise ValueError("anomaly maps contain NaN")
+        yield _sortable_u32(m).ravel(), np.asarray(k) > 0.5
+
+
+def _pack_positives(key: np.ndarray, k: np.ndarray, regions: bool, first_region: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Anomalous pixels of one piece as uint64 key << 32 | 8-connected GT region id (global: offset by
+    ``first_region``; 1 when regions=False) -> (packed (p,), region sizes (r,), r)."""
+    flat = k.ravel()
+    sizes, r = np.zeros(0, dtype=np.int64), 0
+    if regions:
+        lab, r = ndimage.label(k, structure=_plane8())  # (b, H, W) int32, 0 = normal
+        sizes = np.bincount(lab.ravel(), minlength=r + 1)[1:]
+        payload = lab.ravel()[flat].astype(np.uint64) + np.uint64(first_region)
+    else:
+        payload = np.uint64(1)
+    kp = key[flat].astype(np.uint64)
+    kp <<= np.uint64(32)
+    kp |= payload
+    return kp, sizes, r
+
+
+def _unpack_desc(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted packed positives (P,) uint64 -> (score keys, region ids), both (P,) uint32, highest first."""
+    if sys.byteorder == "little":
+        pairs = pos.view(np.uint32).reshape(-1, 2)  # [:, 0] region id, [:, 1] score key; no copy
+        return pairs[::-1, 1], pairs[::-1, 0]
+    return (pos >> np.uint64(32)).astype(np.uint32)[::-1], (pos & np.uint64(0xFFFFFFFF)).astype(np.uint32)[::-1]  # pragma: no cover
 
 
 def _split_pixels(
@@ -224,30 +281,17 @@ def _split_pixels(
     pos: list[np.ndarray] = []
     sizes: list[np.ndarray] = []
     n_neg = n_regions = 0
-    structure = _plane8()
-    for m, k in _chunks(maps, masks):
-        m = np.asarray(m, dtype=np.float32)
-        if np.isnan(m).any():
-            raise ValueError("anomaly maps contain NaN")
-        k = np.asarray(k) > 0.5
-        key = _sortable_u32(m).ravel()
+    for key, k in _keyed_chunks(maps, masks):
         flat = k.ravel()
         kn = key[~flat]
         neg[n_neg : n_neg + kn.size] = kn
         n_neg += kn.size
         if not flat.any():
             continue
-        if regions:
-            lab, r = ndimage.label(k, structure=structure)  # (b, H, W) int32, 0 = normal
-            sizes.append(np.bincount(lab.ravel(), minlength=r + 1)[1:])
-            payload = lab.ravel()[flat].astype(np.uint64) + np.uint64(n_regions)
-            n_regions += r
-        else:
-            payload = np.uint64(1)
-        kp = key[flat].astype(np.uint64)
-        kp <<= np.uint64(32)
-        kp |= payload
+        kp, sz, r = _pack_positives(key, k, regions, n_regions)
         pos.append(kp)
+        sizes.append(sz)
+        n_regions += r
     neg = neg[:n_neg]
     pos_all = np.concatenate(pos) if pos else np.zeros(0, dtype=np.uint64)
     return neg, pos_all, (np.concatenate(sizes) if sizes else np.zeros(0, dtype=np.int64))
@@ -259,12 +303,62 @@ def _pixel_split_metrics(
     """Sort normal keys (N,) uint32 and packed anomalous pixels (P,) uint64 in place -> pixel metrics."""
     neg.sort()
     pos.sort()
-    if sys.byteorder == "little":
-        pairs = pos.view(np.uint32).reshape(-1, 2)  # [:, 0] region id, [:, 1] score key; no copy
-        hi, lo = pairs[::-1, 1], pairs[::-1, 0]
-    else:  # pragma: no cover
-        hi, lo = (pos >> np.uint64(32)).astype(np.uint32)[::-1], (pos & np.uint64(0xFFFFFFFF))[::-1]
+    hi, lo = _unpack_desc(pos)
     return _metrics_from_split(neg, hi, lo, sizes, limit, "pixel_")
+
+
+_COUNT_CHUNK = 16  # images per step of the counting path: its temporaries are ~30 bytes per pixel of a step
+
+
+def _pixel_counted_metrics(maps: Sequence[Any], masks: Sequence[Any], aupro: bool, limit: float) -> dict[str, float]:
+    """The pixel metrics of :func:`_pixel_split_metrics` without a copy of the normal pixels.
+
+    Pass 1 packs and sorts the anomalous pixels only (8 bytes each). Pass 2 reads the maps again and
+    counts, for each distinct anomalous score u (U sorted), the normal pixels strictly between the
+    neighbouring values of U and those equal to u (searchsorted + bincount, one piece at a time). These
+    integer counts are exactly what the sort of all normal pixels gives (``_groups``), so the metrics
+    are identical; memory is O(anomalous pixels + one piece) instead of 4 bytes per normal pixel.
+    """
+    pos: list[np.ndarray] = []
+    sizes: list[np.ndarray] = []
+    n = n_regions = 0
+    for key, k in _keyed_chunks(maps, masks, _COUNT_CHUNK):
+        flat = k.ravel()
+        n_pos = int(np.count_nonzero(flat))
+        n += flat.size - n_pos
+        if n_pos:
+            kp, sz, r = _pack_positives(key, k, aupro, n_regions)
+            pos.append(kp)
+            sizes.append(sz)
+            n_regions += r
+    packed = np.concatenate(pos) if pos else np.zeros(0, dtype=np.uint64)
+    del pos
+    packed.sort()
+    hi, lo = _unpack_desc(packed)
+    p = hi.shape[0]
+    size_arr = (np.concatenate(sizes) if sizes else np.zeros(0, dtype=np.int64)) if aupro else None
+    if not (p and n):
+        return _metrics_from_groups(None, p, n, lo, size_arr, limit, "pixel_")
+    ends = np.append(np.flatnonzero(hi[1:] != hi[:-1]), p - 1)
+    u = np.ascontiguousarray(hi[ends][::-1])  # (G,) distinct anomalous keys, ascending
+    # counts[2j]: normal pixels in (u[j-1], u[j]) (j = G: above all); counts[2j + 1]: normal pixels == u[j]
+    counts = np.zeros(2 * u.size + 2, dtype=np.int64)
+    for key, k in _keyed_chunks(maps, masks, _COUNT_CHUNK):
+        kn = key[~k.ravel()]
+        kn.sort()  # sorted queries: cache-friendly search, and equal bins form runs
+        c = np.searchsorted(u, kn, side="left")
+        tie = u[np.minimum(c, u.size - 1)] == kn
+        c <<= 1
+        c += tie
+        starts = np.flatnonzero(np.diff(c, prepend=-1))  # one run per bin present in this piece
+        counts[c[starts]] += np.diff(starts, append=c.size)  # bins are distinct: no repeated index
+    del kn, c, tie, starts
+    below = np.cumsum(counts[:-2].reshape(-1, 2).sum(1)) - counts[1:-1:2]  # normal pixels < u[j]
+    fp_at = n - below[::-1]  # normal pixels >= u, highest u first
+    fp_before = fp_at - counts[-3::-2]  # normal pixels > u
+    del below, counts
+    g = _Groups(ends, ends + 1, fp_at, fp_before, n)
+    return _metrics_from_groups(g, p, n, lo, size_arr, limit, "pixel_")
 
 
 def _pixel_float64(maps: np.ndarray, masks: np.ndarray, aupro: bool, limit: float) -> dict[str, float]:
@@ -302,8 +396,9 @@ def pixel_metrics(maps: Any, masks: Any, aupro: bool = True, fpr_limit: float = 
     """Exact pixel AUROC, AP, F1-max and AUPRO (MVTec official, to ``fpr_limit``).
 
     maps (N, H, W) float (any range), masks (N, H, W) {0, 1}; or lists of such pieces (memmaps are read
-    piece by piece). float32 maps (and float64 maps that float32 holds exactly) take the split-sort path:
-    4 bytes per normal and 8 per anomalous pixel beyond the inputs; other float64 maps an argsort.
+    piece by piece). float32 maps (and float64 maps that float32 holds exactly) take the counting path
+    (``_pixel_counted_metrics``): 8 bytes per anomalous pixel beyond the inputs and a small piece of
+    temporaries, nothing per normal pixel; other float64 maps an argsort.
     """
     maps_l = list(maps) if isinstance(maps, list | tuple) else [maps]
     masks_l = list(masks) if isinstance(masks, list | tuple) else [masks]
@@ -311,8 +406,7 @@ def pixel_metrics(maps: Any, masks: Any, aupro: bool = True, fpr_limit: float = 
         full = np.concatenate([_np(m).reshape(-1, *_np(m).shape[-2:]) for m in maps_l])
         full_masks = np.concatenate([_np(k).reshape(-1, *_np(k).shape[-2:]) for k in masks_l])
         return _pixel_float64(full.astype(np.float64), full_masks, aupro, fpr_limit)
-    neg, pos, sizes = _split_pixels(maps_l, masks_l, regions=aupro)
-    return _pixel_split_metrics(neg, pos, sizes if aupro else None, fpr_limit)
+    return _pixel_counted_metrics(maps_l, masks_l, aupro, fpr_limit)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -94,6 +94,7 @@ class AnomalyMoEModule(L.LightningModule):
         self.collector: TestCollector | None = None
         # image AUROC/AP/F1-max of the test set (torchmetrics; synced across ranks, padding de-duplicated)
         self.test_image_metrics = ImageMetrics()
+        self._nonfinite: torch.Tensor | None = None  # accelerator: NaN/Inf flag of the steps since the last check
         self._resume_rng: dict | None = None  # RNG state of a checkpoint being resumed (applied at train start)
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -150,24 +151,44 @@ class AnomalyMoEModule(L.LightningModule):
         return [opt, club], [{"scheduler": sched, "interval": "step"}]
 
     # --- training -------------------------------------------------------------------------------
+    FINITE_CHECK_EVERY = 50  # on accelerators: steps between the host syncs of the NaN/Inf checks
+
+    def _finite_check_due(self) -> bool:
+        """The NaN/Inf checks of the input and loss need a host sync. On CPU that costs nothing: every step.
+        On an accelerator the flags accumulate on the device and are read every FINITE_CHECK_EVERY steps."""
+        return self.device.type == "cpu" or (self.global_step + 1) % self.FINITE_CHECK_EVERY == 0
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         opt, club_opt = self.optimizers()
         sched = self.lr_schedulers()
         image = batch["image"]
-        if not torch.isfinite(image).all():
+        check = self._finite_check_due()
+        if check and not torch.isfinite(image).all():
             raise FloatingPointError(
                 f"step {self.global_step}: the input batch holds NaN/Inf values (files: {batch['path']}). "
                 "Training stopped before any update; no checkpoint of this step was written."
             )
         out = self.model(image, batch["cls"])
         losses = self.model.loss(out)
-        if not torch.isfinite(losses.total):
-            raise FloatingPointError(
-                f"step {self.global_step}: the loss is {losses.total.item()} (reconstruction "
-                f"{losses.reconstruction.item():.4g}, ESB {losses.esb.total.item():.4g}, EIR {losses.eir.item():.4g}). "
-                "Training stopped before the update; no checkpoint of this step was written. "
-                "Lower the learning rate, check the inputs, or use precision 32."
-            )
+        if not check:  # accelerator: remember on the device, look every FINITE_CHECK_EVERY steps (no host sync)
+            bad = ~(torch.isfinite(image).all() & torch.isfinite(losses.total))
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        else:
+            pending, self._nonfinite = self._nonfinite, None
+            if pending is not None and bool(pending):
+                raise FloatingPointError(
+                    f"a NaN/Inf input or loss occurred in steps {self.global_step - self.FINITE_CHECK_EVERY + 1}.."
+                    f"{self.global_step - 1} (on an accelerator the check runs every {self.FINITE_CHECK_EVERY} steps, "
+                    "without a host sync in between). Training stopped; checkpoints of non-finite weights are refused. "
+                    "Lower the learning rate, check the inputs, or use precision 32."
+                )
+            if not torch.isfinite(losses.total):
+                raise FloatingPointError(
+                    f"step {self.global_step}: the loss is {losses.total.item()} (reconstruction "
+                    f"{losses.reconstruction.item():.4g}, ESB {losses.esb.total.item():.4g}, EIR {losses.eir.item():.4g}). "
+                    "Training stopped before the update; no checkpoint of this step was written. "
+                    "Lower the learning rate, check the inputs, or use precision 32."
+                )
         opt.zero_grad(set_to_none=True)
         self.manual_backward(losses.total)
         self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
