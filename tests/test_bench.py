@@ -18,7 +18,7 @@ def _leaves(d, path=()):
 
 
 def test_quick_bench_prints_the_json_with_finite_values(capsys):
-    assert main(["--quick", "--batch", "2", "--iters", "1", "--peak-size", "128"]) == 0
+    assert main(["--quick", "--batch", "2", "--iters", "1", "--peak-size", "128", "--runtimes", "none"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     out = json.loads(last)
     for key in ("encoder_ms_per_img", "dense_ms_per_img", "sparse_ms_per_img"):
@@ -72,19 +72,49 @@ def test_train_only_prints_the_training_keys(capsys):
 
 
 def test_training_step_flops_are_linear_in_the_batch_and_add_up():
-    """bench_train counts a 1-image step and scales it by the batch: that must be exact."""
+    """bench_train counts a small step and scales it by the batch: that must be exact (2 and 4 images; a
+    batch of one has no non-matched CLUB pair, so its EIR bound runs no MLP: docs/FIDELITY.md row 34)."""
     from amoe.bench import build_model, train_step_flops
 
     model = build_model(quick_config()).train()
-    x = torch.randn(3, 3, 56, 56)
+    x = torch.randn(4, 3, 56, 56)
 
     def step(n):
         out = model(x[:n], ["bench"] * n)
         model.loss(out).total.backward()
         model.eir.estimator_loss(out.reps).backward()
 
-    one, three = (train_step_flops(model, lambda n=n: step(n), "fp32") for n in (1, 3))
+    one, three = (train_step_flops(model, lambda n=n: step(n), "fp32") for n in (2, 4))
     for k, v in one.items():
-        assert three[k] == pytest.approx(3 * v, rel=1e-6, abs=1.0), k
+        assert three[k] == pytest.approx(2 * v, rel=1e-6, abs=1.0), k
     parts = one["encoder"] + one["patch"] + one["component"] + one["global"] + one["eir_club"]
     assert parts == pytest.approx(one["total"]) and one["patch"] > 0 and one["global"] > 0
+
+
+def test_runtime_figures_join_the_one_json_line(monkeypatch):
+    """`amoe bench` runs `amoe bench --runtime` as a child and merges its keys into its own JSON line."""
+    import json
+    import subprocess
+    from types import SimpleNamespace
+
+    from amoe import bench
+
+    child = {"batch": 8, "threads": 1, "export_s": 2.0, "ms_per_img_torch": 4.0, "ms_per_img_onnxruntime": 2.0,
+             "speedup_onnxruntime_over_torch": 2.0, "routing_identical_onnxruntime": True,
+             "max_score_diff_onnxruntime": 1e-7, "model": "toy"}
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "log line\n" + json.dumps(child) + "\n", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    args = SimpleNamespace(train=False, runtimes="onnxruntime", batch=8, img_size=56, quick=True)
+    got = bench.bench_runtimes(args)
+    assert "--runtime" in calls[0] and "onnxruntime" in calls[0] and "--quick" in calls[0]
+    assert got == {"ms_per_img_onnxruntime": 2.0, "speedup_onnxruntime_over_torch": 2.0,
+                   "routing_identical_onnxruntime": True, "max_score_diff_onnxruntime": 1e-7,
+                   "runtime_ms_per_img_torch": 4.0, "runtime_batch": 8, "runtime_threads": 1, "runtime_export_s": 2.0}
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 2, "", "boom"))
+    assert "exited 2" in bench.bench_runtimes(args)["runtime_error"]
+    assert bench.bench_runtimes(SimpleNamespace(train=False, runtimes="none")) == {}

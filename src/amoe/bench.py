@@ -37,6 +37,8 @@ import logging
 import math
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -455,6 +457,7 @@ def bench_train_step(model: AnomalyMoE, batch: int, warmup: int, dtype: str = "f
         return losses
 
     try:
+        # one image: its CLUB bound has no non-matched pair and runs no MLP (about 0.3 GFLOP of the ~3 950 per image: < 1e-4)
         flops1 = train_step_flops(model, lambda: step(1), dtype)
         batch, why = _fitting_train_batch(batch, sum(saved.values()) / 2**20)
         flops = {k: v * batch for k, v in flops1.items()}
@@ -724,6 +727,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=None,
         help="torch threads (default: all cores on an idle machine; 1 when the load average shows other work)",
     )
+    p.add_argument(
+        "--runtimes", default="auto",
+        help="exported-model runtimes timed next to PyTorch (amoe bench --runtime, in a child process): "
+        "comma list of onnxruntime, openvino; auto = those installed; none = skip",
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, for a smoke test of the benchmark itself")
     p.add_argument("--op-profile", action="store_true", help="only print op tables of the encoder and one patch expert")
     args = p.parse_args(argv)
@@ -754,6 +762,40 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(before)
 
 
+def installed_runtimes(spec: str) -> list[str]:
+    """``--runtimes``: auto -> the installed ones among onnxruntime and openvino; none -> []."""
+    if spec == "none":
+        return []
+    if spec != "auto":
+        return [r.strip() for r in spec.split(",") if r.strip()]
+    import importlib.util
+
+    return [r for r in ("onnxruntime", "openvino") if importlib.util.find_spec(r) is not None]
+
+
+def bench_runtimes(args: argparse.Namespace) -> dict:
+    """The exported model under each runtime next to PyTorch (same batch, threads, routing), run as
+    ``amoe bench --runtime`` in a child process; its keys join this run's JSON line (``runtime_*`` for its
+    own PyTorch figure and settings). Inference-only runs (--train) skip it."""
+    runtimes = [] if args.train else installed_runtimes(args.runtimes)
+    if not runtimes:
+        return {}
+    cmd = [sys.executable, "-m", "amoe.bench_runtime", "--runtime", ",".join(runtimes), "--batch", str(args.batch),
+           "--img-size", str(args.img_size), "--threads", str(torch.get_num_threads())] + (["--quick"] if args.quick else [])
+    log.info("runtimes %s: %s", ",".join(runtimes), " ".join(cmd[1:]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stdout + proc.stderr)[-2000:]
+        log.warning("runtime benchmark failed (exit %d):\n%s", proc.returncode, tail)
+        return {"runtime_error": f"amoe bench --runtime exited {proc.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"}
+    got = json.loads(lines[-1])
+    keep = {k: v for k, v in got.items() if k.startswith(("ms_per_img_", "speedup_", "routing_identical_", "max_score_diff_"))}
+    keep["runtime_ms_per_img_torch"] = keep.pop("ms_per_img_torch")
+    keep.update({f"runtime_{k}": got[k] for k in ("batch", "threads", "export_s") if k in got})
+    return keep
+
+
 def _run(args: argparse.Namespace) -> int:
     cfg = bench_config(args)
     t0 = time.perf_counter()
@@ -767,6 +809,8 @@ def _run(args: argparse.Namespace) -> int:
     res = None if args.train else bench_inference(model, args, dtypes)
     train = None if args.no_train else bench_train(model, args, dtypes)
     out = report(model, args, res, train, time.perf_counter() - t0)
+    del model, res, train  # the runtime child builds its own model: free this one's memory first
+    out.update(bench_runtimes(args))
     for key in ("encoder_ms_per_img", "dense_ms_per_img", "sparse_ms_per_img", "stage_utilization", "train_stage_table"):
         if key in out:
             log.info("%s: %s", key, json.dumps(out[key]))
