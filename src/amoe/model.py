@@ -87,7 +87,7 @@ class AnomalyMoEConfig:
     lambda_importance: float = 1.0
     lambda_load: float = 1.0
     lambda_z: float = 1.0
-    z_loss_mean: str = "batch"  # batch: (1/B)·Σ_{b,j} logit² (Eq. 3) | all: mean over B·N logits (the release)
+    z_loss_mean: str = "all"  # all: mean over B·N logits (design spec, release) | batch: (1/B)·Σ_{b,j} logit² (Eq. 3; paper.yaml)
     esb_batch: str = "global"  # global: ESB over the batch of all DDP ranks (Eq. 3) | local: per rank (the release)
     use_eir: bool = True
     lambda_eir: float = 1e-4
