@@ -77,12 +77,11 @@ def resample_pos_embed_dinov2(pos: torch.Tensor, grid: tuple[int, int], offset: 
     """
     m = math.isqrt(pos.shape[1])
     prefix, patch = pos[:, : pos.shape[1] - m * m], pos[:, pos.shape[1] - m * m :]
-    d = pos.shape[-1]
     x = rearrange(patch.float(), "1 (m n) d -> 1 d m n", m=m)
     x = F.interpolate(x, scale_factor=((grid[0] + offset) / m, (grid[1] + offset) / m), mode="bicubic", antialias=False)
     if tuple(x.shape[-2:]) != tuple(grid):
         raise EncoderWeightsError(f"pos_embed: DINOv2 interpolation of a {m}×{m} grid gave {tuple(x.shape[-2:])}, not {grid}.")
-    return torch.cat([prefix, rearrange(x, "1 d h w -> 1 (h w) d").to(pos.dtype)], dim=1).reshape(1, -1, d)
+    return torch.cat([prefix, rearrange(x, "1 d h w -> 1 (h w) d").to(pos.dtype)], dim=1)
 
 
 class FrozenEncoder(nn.Module):

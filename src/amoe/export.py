@@ -65,12 +65,10 @@ class FrontGraph(nn.Module):
     def forward(self, image: torch.Tensor, class_index: torch.Tensor | None = None):
         m, cfg = self.model, self.model.config
         enc = m.encoder(image)
-        p = enc.num_prefix
-        fused = torch.stack(enc.layers).mean(0)  # (B, P + h*w, D)
-        target = fused[:, p:]
-        enc_groups = torch.stack([torch.stack([enc.layers[i] for i in g]).mean(0)[:, p:] for g in cfg.fuse_groups], 1)
-        router = m.router(enc.cls if cfg.router_input == "cls" else target.mean(1))
-        out = [fused, enc_groups, router.weights, router.topk]
+        fused, enc_groups, router_in = m.fuse(enc)  # the same fusion as AnomalyMoE.forward
+        target = fused[:, enc.num_prefix :]
+        router = m.router(router_in)
+        out = [fused, torch.stack(enc_groups, 1), router.weights, router.topk]
         if len(m.component_experts):
             centres = m.component_bank.centres  # (C, K, D)
             f = F.normalize(target, dim=-1)

@@ -23,7 +23,7 @@ from torch import nn
 from amoe.club import EIR, representation
 from amoe.component_bank import ComponentBank, masked_average_pool
 from amoe.component_experts import ComponentExpert
-from amoe.encoder import FrozenEncoder
+from amoe.encoder import EncoderOutput, FrozenEncoder
 from amoe.global_experts import GlobalExpert
 from amoe.losses import (
     ESBTerms,
@@ -229,10 +229,8 @@ class AnomalyMoE(nn.Module):
             self._check_route(route, b)
         enc = self.encoder(image)
         (h, w), p = enc.grid, enc.num_prefix
-        fused = torch.stack(enc.layers).mean(0)  # (B, P + h*w, D): bottleneck input
+        fused, enc_groups, router_in = self.fuse(enc)
         target = fused[:, p:]  # F̄ (B, h*w, D)
-        enc_groups = [torch.stack([enc.layers[i] for i in g]).mean(0)[:, p:] for g in cfg.fuse_groups]
-        router_in = enc.cls if cfg.router_input == "cls" else target.mean(1)  # (B, D)
         router = self.router(router_in, force=route)
         selected = torch.zeros_like(router.weights, dtype=torch.bool).scatter_(1, router.topk, True)  # (B, N)
 
@@ -292,6 +290,15 @@ class AnomalyMoE(nn.Module):
             reps=[torch.stack(r) for r in reps if r] if self.training else None,
             expert_maps=rearrange(maps, "b n (h w) -> b n h w", h=h, w=w),
         )
+
+    def fuse(self, enc: EncoderOutput) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Encoder output -> bottleneck input F (B, P + h*w, D; mean of the selected layers), the fusion groups'
+        targets [(B, h*w, D)] and the router input (B, D: the CLS token or the mean patch token)."""
+        p = enc.num_prefix
+        fused = torch.stack(enc.layers).mean(0)
+        enc_groups = [torch.stack([enc.layers[i] for i in g]).mean(0)[:, p:] for g in self.config.fuse_groups]
+        router_in = enc.cls if self.config.router_input == "cls" else fused[:, p:].mean(1)
+        return fused, enc_groups, router_in
 
     def fuse_expert_maps(self, maps: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gate-weighted mean map of each group and the group's gate mass.
