@@ -124,8 +124,8 @@ def test_deferred_finite_check_stops_training_at_the_next_check(tmp_path, monkey
         assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if torch.is_tensor(v) and v.is_floating_point())
 
 
-def test_linear_attention_in_place_phi_matches_elu_plus_one_with_gradients():
-    """φ = ELU + 1 is added in place (F.elu(q).add_(1)): same outputs and gradients as F.elu(q) + 1."""
+def test_linear_attention_fast_phi_matches_elu_plus_one_with_gradients():
+    """φ = exp(min(t, 0)) + max(t, 0) on q and k's contiguous rows: the outputs and gradients of F.elu(q) + 1."""
     import torch.nn.functional as F
     from einops import rearrange
 
@@ -143,8 +143,8 @@ def test_linear_attention_in_place_phi_matches_elu_plus_one_with_gradients():
         return attn.proj(rearrange(torch.einsum("bhtd,bhde->bhte", q, kv) * z[..., None], "b h t d -> b t (h d)"))
 
     out, ref = attn(x), plain(x)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     g_out = torch.autograd.grad(out.square().sum(), [x, *attn.parameters()])
     g_ref = torch.autograd.grad(ref.square().sum(), [x, *attn.parameters()])
     for a, b in zip(g_out, g_ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,7 +1,25 @@
 import torch
 import torch.nn.functional as F
 
-from amoe.patch_experts import LinearAttention, PatchExpert
+from amoe.patch_experts import LinearAttention, PatchExpert, phi
+
+
+def test_phi_is_elu_plus_one_with_its_gradient():
+    t = torch.tensor([-2.0, -0.5, 0.5, 3.0], requires_grad=True)
+    out = phi(t)
+    # hand values: e^-2 = 0.1353353, e^-0.5 = 0.6065307; t + 1 for t > 0
+    torch.testing.assert_close(out, torch.tensor([0.1353353, 0.6065307, 1.5, 4.0]), rtol=0, atol=1e-7)
+    out.sum().backward()
+    torch.testing.assert_close(t.grad, torch.tensor([0.1353353, 0.6065307, 1.0, 1.0]), rtol=0, atol=1e-7)
+    x = torch.randn(10_000) * 4
+    torch.testing.assert_close(phi(x), F.elu(x) + 1, rtol=0, atol=1e-6)
+    # bf16: φ stays within bf16 rounding (2^-8 relative) of the exact value; ELU + 1 rounds expm1 near -1
+    # first, an absolute error up to 2^-8 (for t << 0 it returns 0 where e^t is ~1e-3)
+    xb = x.bfloat16()
+    exact = F.elu(xb.double()) + 1
+    assert ((phi(xb).double() - exact).abs() <= exact * 2**-8).all()
+    neg = xb < 0
+    assert ((F.elu(xb[neg]) + 1).double() - exact[neg]).abs().max() <= 2**-8
 
 
 def test_linear_attention_matches_explicit_formula():
