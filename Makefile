@@ -58,8 +58,8 @@ ABLATION_DATASET := $(if $(filter command line environment override,$(origin DAT
 ablations: install  ## Tables 2-3 under the same protocol (DATASET=all default | one dataset | synthetic) -> results/ablations_<DATASET>.{md,json,csv} + ablations.html  [SMOKE=1]
 	$(AMOE) ablations --dataset $(ABLATION_DATASET) $(if $(SMOKE),--smoke,) $(if $(DATA_DIR),--data-dir $(DATA_DIR),) $(if $(DATA_ROOT),--data-root $(DATA_ROOT),) $(if $(ARGS),-- $(ARGS),)
 
-bench: install  ## speed benchmark, ONE JSON line: dense vs sparse experts, matmul-peak utilisation (fp32/bf16), training step, the exported model under onnxruntime/openvino next to torch
-	$(AMOE) bench $(ARGS)
+bench: install  ## speed benchmark, ONE JSON line: dense vs sparse experts, eager and compiled (inductor, freezing), matmul-peak utilisation (fp32/bf16), training step, the exported model under onnxruntime/openvino next to torch
+	$(AMOE) bench --compile $(ARGS)
 
 bench-metrics: install  ## metric memory/time benchmark on a VisA-sized test set
 	$(PY) benchmarks/bench_metrics.py

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from amoe.compile import compile_for_inference, uncompile
 from amoe.model import GROUPS, AnomalyMoE, AnomalyMoEConfig
 
 log = logging.getLogger(__name__)
@@ -214,13 +215,18 @@ def timed(fn: Callable[[], Any], iters: int, timer: StageTimer, peak: Peak) -> t
 
 # --- inference -------------------------------------------------------------------------------------
 def bench_inference(model: AnomalyMoE, args, dtypes: list[str]) -> dict[str, Any]:
+    """Per dtype: eager passes, then (``--compile``) the same passes with ``compile_for_inference`` — an A/B
+    against the same peak samples. Returns shared ``peak``/``flops``/``routes`` and per-variant results."""
     cfg = model.config
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, 3, cfg.img_size, cfg.img_size, generator=gen)
     classes = ["bench"] * args.batch
     routes = make_routes(cfg, args.batch, spread=args.routing == "spread")
+    variants = ["eager", "compiled"] if args.compile else ["eager"]
     timer = StageTimer(model)
-    res: dict[str, Any] = {"peak": {}, "peak_cpu": {}, "flops": {}, "time": {}, "cpu": {}, "stages": {}, "outputs": {}}
+    res: dict[str, Any] = {"peak": {}, "peak_cpu": {}, "flops": {}, "routes": routes, "compile_s": {}}
+    for v in variants:
+        res[v] = {"time": {}, "cpu": {}, "stages": {}, "outputs": {}}
     try:
         for dt in dtypes:
             peak = Peak(DTYPES[dt], args.peak_size)
@@ -231,39 +237,54 @@ def bench_inference(model: AnomalyMoE, args, dtypes: list[str]) -> dict[str, Any
                 with torch.no_grad(), autocast(dt):
                     return model(x[:n], classes[:n], sparse=sparse, route=route[:n])
 
-            if not args.skip_dense:  # dense FLOPs are linear in the batch: count one image (a warm-up too)
-                with flop_counter() as fc:
-                    infer(n=1, sparse=False)
-                res["flops"].setdefault("dense", {k: v * args.batch for k, v in stage_flops(fc).items()})
-            for pattern, route in routes.items():
-                run = lambda r=route: infer(route=r)  # noqa: E731
-                # FLOPs (and a warm-up of every op): with concentrated routing sparse FLOPs are linear in
-                # the batch, so one image is counted; spread routing is counted on the whole batch.
-                n = args.batch if args.routing == "spread" else 1
-                with flop_counter() as fc:
-                    infer(n=n, route=route)
-                res["flops"].setdefault(f"sparse_{pattern}", {k: v * args.batch / n for k, v in stage_flops(fc).items()})
-                for _ in range(args.warmup):
-                    run()
-                t, cpu, st, out = timed(run, args.iters, timer, peak)
-                res["time"][(dt, "sparse", pattern)], res["stages"][(dt, "sparse", pattern)] = t, st
-                res["cpu"][(dt, "sparse", pattern)] = cpu
-                res["outputs"][(dt, "sparse", pattern)] = out
-                log.info("%s sparse %-5s %8.1f ms/img", dt, pattern, 1e3 * t / args.batch)
-            if not args.skip_dense:
-                run = lambda: infer(sparse=False)  # noqa: E731
-                for _ in range(args.dense_warmup):
-                    run()
-                t, cpu, st, out = timed(run, args.dense_iters, timer, peak)
-                res["time"][(dt, "dense")], res["stages"][(dt, "dense")], res["outputs"][(dt, "dense")] = t, st, out
-                res["cpu"][(dt, "dense")] = cpu
-                log.info("%s dense        %8.1f ms/img", dt, 1e3 * t / args.batch)
+            for variant in variants:
+                got = res[variant]
+                if variant == "compiled":
+                    compile_for_inference(model, tuple(args.compile_parts.split(",")))
+                if variant == "eager" and not args.skip_dense:  # dense FLOPs are linear in the batch: count one image (a warm-up too)
+                    with flop_counter() as fc:
+                        infer(n=1, sparse=False)
+                    res["flops"].setdefault("dense", {k: v * args.batch for k, v in stage_flops(fc).items()})
+                for pattern, route in routes.items():
+                    run = lambda r=route: infer(route=r)  # noqa: E731
+                    if variant == "eager":
+                        # FLOPs (and a warm-up of every op): with concentrated routing sparse FLOPs are linear in
+                        # the batch, so one image is counted; spread routing is counted on the whole batch.
+                        n = args.batch if args.routing == "spread" else 1
+                        with flop_counter() as fc:
+                            infer(n=n, route=route)
+                        res["flops"].setdefault(f"sparse_{pattern}", {k: v * args.batch / n for k, v in stage_flops(fc).items()})
+                    else:  # the first full-batch pass compiles what this routing runs
+                        t0 = time.perf_counter()
+                        run()
+                        res["compile_s"][(dt, pattern)] = time.perf_counter() - t0
+                    for _ in range(args.warmup):
+                        run()
+                    t, cpu, st, out = timed(run, args.iters, timer, peak)
+                    got["time"][(dt, "sparse", pattern)], got["stages"][(dt, "sparse", pattern)] = t, st
+                    got["cpu"][(dt, "sparse", pattern)] = cpu
+                    got["outputs"][(dt, "sparse", pattern)] = out
+                    log.info("%s %s sparse %-5s %8.1f ms/img", dt, variant, pattern, 1e3 * t / args.batch)
+                if not args.skip_dense:
+                    run = lambda: infer(sparse=False)  # noqa: E731
+                    if variant == "compiled":
+                        t0 = time.perf_counter()
+                        run()
+                        res["compile_s"][(dt, "dense")] = time.perf_counter() - t0
+                    for _ in range(args.dense_warmup):
+                        run()
+                    t, cpu, st, out = timed(run, args.dense_iters, timer, peak)
+                    got["time"][(dt, "dense")], got["stages"][(dt, "dense")], got["outputs"][(dt, "dense")] = t, st, out
+                    got["cpu"][(dt, "dense")] = cpu
+                    log.info("%s %s dense        %8.1f ms/img", dt, variant, 1e3 * t / args.batch)
+                if variant == "compiled":
+                    uncompile(model)
             peak.sample(3)
             res["peak"][dt], res["peak_cpu"][dt] = peak.best, peak.best_cpu
             log.info("%s matmul peak  %8.1f GFLOP/s (%d samples)", dt, peak.best / 1e9, len(peak.samples))
     finally:
         timer.remove()
-    res["routes"] = routes
+        uncompile(model)
     return res
 
 
@@ -540,7 +561,7 @@ def _descendant_scopes(evt):
 
 # --- report ----------------------------------------------------------------------------------------
 def report(model: AnomalyMoE, args, res: dict[str, Any] | None, train: dict[str, Any] | None, wall: float) -> dict[str, Any]:
-    out = inference_report(model, args, res) if res is not None else {}
+    out = compare_variants(model, args, res) if res is not None else {}
     if train:
         out.update(train)
     out["setup"] = {
@@ -551,6 +572,43 @@ def report(model: AnomalyMoE, args, res: dict[str, Any] | None, train: dict[str,
         "torch": torch.__version__, "cpu": _cpu_name(),
         "wall_s": round(wall, 1),
     }
+    return out
+
+
+EAGER_KEYS = (
+    "flops_utilization", "flops_utilization_mixed", "speedup_dense_over_sparse", "max_abs_score_diff",
+    "sparse_ms_per_img", "dense_ms_per_img", "flops_utilization_all", "speedup_dense_over_sparse_all", "stage_ms_per_img",
+)
+
+
+def compare_variants(model: AnomalyMoE, args, res: dict[str, Any]) -> dict[str, Any]:
+    """The report of the last variant (``compiled`` with ``--compile``, else ``eager``) at the top level, the
+    eager one's main keys under ``eager``, and what compiling bought: eager time / compiled time per dtype
+    and pass (``compile_gain``), per stage, the compile seconds and the compiled-vs-eager score difference."""
+    shared = {k: res[k] for k in ("peak", "peak_cpu", "flops", "routes")}
+    variants = [v for v in ("eager", "compiled") if v in res]
+    reports = {v: inference_report(model, args, {**shared, **res[v]}) for v in variants}
+    out = {"inference_mode": variants[-1], **reports[variants[-1]]}
+    if "compiled" not in res:
+        return out
+    eager, comp = res["eager"], res["compiled"]
+    out["eager"] = {k: reports["eager"][k] for k in EAGER_KEYS if k in reports["eager"]}
+    gain: dict[str, dict[str, float]] = defaultdict(dict)
+    stage_gain: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    for key, t in comp["time"].items():
+        name = key[2] if key[1] == "sparse" else "dense"
+        gain[key[0]][name] = round(eager["time"][key] / t, 3)
+        st_e, st_c = eager["stages"][key], comp["stages"][key]
+        stage_gain[key[0]][name] = {s: round(st_e[s] / st_c[s], 3) for s in STAGES if st_c.get(s) and st_e.get(s)}
+    out["compile_gain"], out["compile_gain_by_stage"] = dict(gain), dict(stage_gain)
+    out["compile_s"] = {f"{dt}/{name}": round(s, 1) for (dt, name), s in res["compile_s"].items()}
+    out["compile_parts"] = args.compile_parts.split(",")
+    diff: dict[str, float] = defaultdict(float)
+    with torch.no_grad():  # the compiled graphs' scores against eager's, same dtype and routing
+        for key, o in comp["outputs"].items():
+            d = (model.score(o).scores - model.score(eager["outputs"][key]).scores).abs().max().item()
+            diff[key[0]] = max(diff[key[0]], d)
+    out["compiled_vs_eager_max_abs_score_diff"] = dict(diff)
     return out
 
 
@@ -732,6 +790,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="exported-model runtimes timed next to PyTorch (amoe bench --runtime, in a child process): "
         "comma list of onnxruntime, openvino; auto = those installed; none = skip",
     )
+    p.add_argument(
+        "--compile", action="store_true",
+        help="after the eager passes, the same passes with amoe.compile.compile_for_inference (inductor, freezing): "
+        "the headline keys are then the compiled ones, eager's go under 'eager', the gain under 'compile_gain'",
+    )
+    p.add_argument("--compile-parts", default="encoder,patch", help="what --compile compiles: encoder,patch,component,global")
     p.add_argument("--quick", action="store_true", help="tiny model, for a smoke test of the benchmark itself")
     p.add_argument("--op-profile", action="store_true", help="only print op tables of the encoder and one patch expert")
     args = p.parse_args(argv)

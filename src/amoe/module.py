@@ -27,6 +27,7 @@ from amoe.checkpoint import (
     saved_config,
     set_rng_state,
 )
+from amoe.compile import compile_for_inference, uncompile
 from amoe.component_bank import PatchSample
 from amoe.evaluation import TestCollector
 from amoe.image_metrics import ImageMetrics, log_keys
@@ -60,6 +61,10 @@ class AnomalyMoEModule(L.LightningModule):
         bank_patches_per_class: patches per class for the component k-means, drawn evenly from all of the
             class's normal training images.
         sparse_inference: run only each sample's top-K experts at test/predict time.
+        compile_inference: at test/predict time, run the encoder and the patch experts as frozen inductor
+            graphs (``amoe.compile``; compiled at the first batch, ~15 s per module on 2 CPU cores; bf16 −13 %
+            and −20 % time on CPU, docs/PERFORMANCE.md). Off by default: compiling costs more than it saves
+            on small test sets.
         results_root: test outputs go to ``results_root/<dataset>/<run>``.
         run_name: name of the results run (default: a timestamp).
         num_figure_images: images per class in the overlay and expert-map figures.
@@ -77,6 +82,7 @@ class AnomalyMoEModule(L.LightningModule):
         club_lr: float = 5e-4,
         bank_patches_per_class: int = 100_000,
         sparse_inference: bool = True,
+        compile_inference: bool = False,
         results_root: str = "results",
         run_name: str | None = None,
         num_figure_images: int = 2,
@@ -339,6 +345,8 @@ class AnomalyMoEModule(L.LightningModule):
         classes = list(dict.fromkeys(r.cls for r in split.records)) if split is not None else None
         datasets = [self.collector.evaluator.class_dataset(c) for c in classes] if classes is not None else None
         self.test_image_metrics.set_classes(classes, datasets, self.collector.dataset)
+        if self.hparams.compile_inference:  # after calibration: the graphs freeze the final weights
+            compile_for_inference(self.model)
 
     @torch.no_grad()
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -375,6 +383,14 @@ class AnomalyMoEModule(L.LightningModule):
                 "this checkpoint has no calibration (normalisation statistics and thresholds): scores are not "
                 "normalised and no image is called anomalous unless --threshold is given."
             )
+        if self.hparams.compile_inference:
+            compile_for_inference(self.model)
+
+    def on_test_end(self) -> None:
+        uncompile(self.model)  # a fit that goes on after a test must not run stale frozen graphs
+
+    def on_predict_end(self) -> None:
+        uncompile(self.model)
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
