@@ -41,6 +41,19 @@ def test_quick_bench_prints_the_json_with_finite_values(capsys):
     assert out["gflop_per_img"]["dense"]["total"] > out["gflop_per_img"]["sparse_worst"]["total"] > 0
 
 
+def test_compile_ab_reports_compiled_headline_and_eager_keys(capsys):
+    """--compile: eager passes, then the same passes compiled; the headline is the compiled run's."""
+    args = ["--quick", "--batch", "2", "--peak-size", "128", "--runtimes", "none", "--no-train", "--dtypes", "fp32", "--compile"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["inference_mode"] == "compiled" and out["compile_parts"] == ["encoder", "patch"]
+    assert set(out["eager"]) >= {"flops_utilization", "speedup_dense_over_sparse", "max_abs_score_diff"}
+    assert set(out["compile_gain"]["fp32"]) == {"worst", "mixed", "dense"}
+    assert all(v > 0 for v in out["compile_gain"]["fp32"].values())
+    assert set(out["compile_s"]) == {"fp32/worst", "fp32/mixed", "fp32/dense"}
+    assert out["compiled_vs_eager_max_abs_score_diff"]["fp32"] <= 1e-5 and out["max_abs_score_diff"] <= 1e-5
+
+
 def test_forced_routes_have_the_intended_groups():
     cfg = quick_config()  # 3/3/3 experts, K=3
     for spread in (False, True):

@@ -106,6 +106,18 @@ def test_thresholds_can_be_overridden_and_runs_are_never_overwritten(trained_run
     assert {r["anomalous"] for r in _rows(second)} == {"false"}
 
 
+def test_compiled_inference_writes_the_eager_scores(trained_run, mixed_dir, tmp_path):
+    """--model.compile_inference true: encoder and patch experts as frozen inductor graphs, same scores (fp32)."""
+    results = tmp_path / "results"
+    assert _predict(trained_run["ckpt"], mixed_dir, results) == 0
+    eager = _rows((results / "predict" / "latest").resolve())
+    assert _predict(trained_run["ckpt"], mixed_dir, results, "--model.compile_inference", "true") == 0
+    compiled = _rows((results / "predict" / "latest").resolve())
+    assert [r["path"] for r in compiled] == [r["path"] for r in eager] and len(eager) == 9
+    for a, b in zip(eager, compiled):
+        assert float(b["score"]) == pytest.approx(float(a["score"]), rel=1e-5, abs=1e-5), a["path"]
+
+
 def test_predict_needs_a_checkpoint(mixed_dir, tmp_path, capsys):
     code = main(["predict", "--config", "experiments/smoke.yaml", "--data.path", str(mixed_dir),
                  "--trainer.default_root_dir", str(tmp_path / "runs")])
