@@ -106,14 +106,27 @@ def test_thresholds_can_be_overridden_and_runs_are_never_overwritten(trained_run
     assert {r["anomalous"] for r in _rows(second)} == {"false"}
 
 
-def test_compiled_inference_writes_the_eager_scores(trained_run, mixed_dir, tmp_path):
+def test_compiled_inference_writes_the_eager_scores(trained_run, mixed_dir, tmp_path, monkeypatch):
     """--model.compile_inference true: encoder and patch experts as frozen inductor graphs, same scores (fp32)."""
+    from amoe import compile as amoe_compile
+    from amoe import module
+
+    compiled_models = []
+
+    def spy(model, *args, **kwargs):
+        out = amoe_compile.compile_for_inference(model, *args, **kwargs)
+        compiled_models.append(amoe_compile.is_compiled(model))
+        return out
+
+    monkeypatch.setattr(module, "compile_for_inference", spy)
     results = tmp_path / "results"
     assert _predict(trained_run["ckpt"], mixed_dir, results) == 0
     eager = _rows((results / "predict" / "latest").resolve())
+    assert compiled_models == []
     assert _predict(trained_run["ckpt"], mixed_dir, results, "--model.compile_inference", "true") == 0
+    assert compiled_models == [True]
     compiled = _rows((results / "predict" / "latest").resolve())
-    assert [r["path"] for r in compiled] == [r["path"] for r in eager] and len(eager) == 9
+    assert [r["path"] for r in compiled] == [r["path"] for r in eager] and len(eager) == len(IMAGES) + 1  # + t.tiff
     for a, b in zip(eager, compiled):
         assert float(b["score"]) == pytest.approx(float(a["score"]), rel=1e-5, abs=1e-5), a["path"]
 
