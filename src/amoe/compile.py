@@ -37,8 +37,8 @@ def compile_for_inference(model: AnomalyMoE, parts: tuple[str, ...] = ("encoder"
     """In place: each module of ``parts`` runs a frozen inductor graph (compiled at its first call).
 
     Defaults to the encoder and the patch experts, where compiling measured −13 % and −20 % (bf16); the
-    component experts (tiny MLPs) and the convolutional global experts gain nothing measurable. The state
-    dict and the module tree are unchanged. Returns ``model``.
+    component experts (tiny MLPs, < 1 ms/img) and the convolutional global experts (±0 in an isolated bf16
+    A/B) gain nothing measurable. The state dict and the module tree are unchanged. Returns ``model``.
     """
     import torch._dynamo
     import torch._inductor.config
