@@ -21,7 +21,10 @@ def test_bank_finds_clusters_assigns_and_round_trips():
     assign = bank.assign(torch.stack([dirs[0], dirs[1]])[None], ["x"])  # (1, 2)
     assert assign[0, 0] != assign[0, 1]
     # unknown class: the bank whose centres fit best ("y" centres live in dims 2, 3)
-    assert bank.class_index(["new"], feats.flip(-1)[None]).tolist() == [1]
+    unknown = feats.flip(-1)[None]  # (1, 100, 4)
+    assert bank.class_index(["x", "new"]).tolist() == [0, -1]
+    assert torch.equal(bank.assign(unknown, ["new"]), bank.assign(unknown, ["y"]))
+    assert torch.equal(bank.assign_rows(unknown, torch.tensor([-1])), bank.assign(unknown, ["y"]))
     other = ComponentBank(num_components=2, dim=4)
     other.load_state_dict(bank.state_dict())
     assert other.classes == bank.classes and torch.equal(other.centres, bank.centres)

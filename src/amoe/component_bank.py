@@ -100,24 +100,26 @@ class ComponentBank(nn.Module):
         self.classes = sorted(features)
         self.centres = F.normalize(torch.stack(centres), dim=-1).to(self.centres.device)
 
-    def class_index(self, classes: list[str], feats: torch.Tensor) -> torch.Tensor:
-        """Bank row per sample: by class name; for a class the bank does not know (predict on new
-        images), the bank whose centres fit the sample's patches best (highest mean max-cosine)."""
+    def class_index(self, classes: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Bank row per class name, (B,) long; -1 for a class the bank does not know (predict on new images)."""
         known = {c: i for i, c in enumerate(self.classes)}
-        idx = torch.tensor([known.get(c, -1) for c in classes], device=feats.device)
-        unknown = (idx < 0).nonzero().flatten()
-        if len(unknown):
-            f = F.normalize(feats[unknown], dim=-1)  # (U, P, D)
-            fit = torch.einsum("upd,ckd->upck", f, self.centres.to(f.dtype)).amax(-1).mean(1)  # (U, C)
-            idx[unknown] = fit.argmax(-1)
-        return idx
+        return torch.tensor([known.get(c, -1) for c in classes], dtype=torch.long, device=device)
+
+    def assign_rows(self, feats: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
+        """feats: (B, P, D), class_index: (B,) bank rows (-1: unknown) -> nearest centre (cosine) per patch,
+        (B, P) long. An unknown class takes the bank whose centres fit its patches best (highest mean
+        max-cosine). Tensor-only, so the export traces it as it is."""
+        f = F.normalize(feats, dim=-1)
+        centres = self.centres.to(f.dtype)  # (C, K, D)
+        fit = torch.einsum("bpd,ckd->bpck", f, centres).amax(-1).mean(1)  # (B, C)
+        row = torch.where(class_index >= 0, class_index, fit.argmax(-1))
+        return torch.einsum("bpd,bkd->bpk", f, centres[row]).argmax(-1)
 
     def assign(self, feats: torch.Tensor, classes: list[str]) -> torch.Tensor:
-        """feats: (B, P, D) -> nearest centre (cosine) per patch, (B, P) long."""
+        """feats: (B, P, D), classes: B class names -> nearest centre (cosine) per patch, (B, P) long."""
         if not self.is_built:
             raise RuntimeError("component bank is empty: it is built at the start of `fit` (or loaded from a checkpoint).")
-        rows = self.centres[self.class_index(classes, feats)].to(feats.dtype)  # (B, K, D)
-        return torch.einsum("bpd,bkd->bpk", F.normalize(feats, dim=-1), rows).argmax(-1)
+        return self.assign_rows(feats, self.class_index(classes, feats.device))
 
     def get_extra_state(self) -> dict:
         return {"classes": list(self.classes), "centres": self.centres.detach().cpu()}

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -55,7 +54,7 @@ class ExportError(RuntimeError):
 # --- graphs --------------------------------------------------------------------------------------------
 class FrontGraph(nn.Module):
     """Encoder + router + component assignment. ``class_index``: the sample's component-bank row, or -1
-    (a class the bank does not know: the best-fitting bank, as :meth:`ComponentBank.class_index`)."""
+    (a class the bank does not know: the best-fitting bank, :meth:`ComponentBank.assign_rows`)."""
 
     def __init__(self, model: AnomalyMoE):
         super().__init__()
@@ -70,11 +69,7 @@ class FrontGraph(nn.Module):
         router = m.router(router_in)
         out = [fused, torch.stack(enc_groups, 1), router.weights, router.topk]
         if len(m.component_experts):
-            centres = m.component_bank.centres  # (C, K, D)
-            f = F.normalize(target, dim=-1)
-            fit = torch.einsum("bpd,ckd->bpck", f, centres).amax(-1).mean(1)  # (B, C)
-            row = torch.where(class_index >= 0, class_index, fit.argmax(-1))
-            assign = torch.einsum("bpd,bkd->bpk", f, centres[row]).argmax(-1)  # (B, h*w)
+            assign = m.component_bank.assign_rows(target, class_index)  # (B, h*w), as AnomalyMoE.forward
             parts, _ = masked_average_pool(target, assign, cfg.num_components)
             out += [assign, parts]
         return tuple(out)
