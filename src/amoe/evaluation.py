@@ -278,7 +278,7 @@ def log_to_wandb(trainer, run_dir: str, result: dict) -> None:
     if not loggers:
         return
     names = sorted({k for m in result["per_class"].values() for k in m} | set(result["mean"]))
-    data = [[c, *(_finite(m.get(k)) for k in names)] for c, m in [*result["per_class"].items(), ("mean", result["mean"])]]
+    data = [[c, *(finite_or_none(m.get(k)) for k in names)] for c, m in [*result["per_class"].items(), ("mean", result["mean"])]]
     overlays = sorted(glob.glob(os.path.join(run_dir, "overlays", "*.png")))
     for lg in loggers:
         try:
@@ -296,5 +296,6 @@ def log_to_wandb(trainer, run_dir: str, result: dict) -> None:
             log.warning("W&B logging of the test results failed (%s: %s); they are in %s", type(e).__name__, e, run_dir)
 
 
-def _finite(v: Any) -> float | None:
+def finite_or_none(v: Any) -> float | None:
+    """A finite number as float; None for None, NaN and ±inf (JSON/CSV have no NaN)."""
     return float(v) if v is not None and np.isfinite(v) else None

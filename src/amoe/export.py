@@ -36,6 +36,7 @@ from einops import rearrange
 from torch import nn
 
 from amoe.component_bank import masked_average_pool
+from amoe.evaluation import finite_or_none
 from amoe.losses import cosine_distance
 from amoe.model import AnomalyMoE, AnomalyMoEConfig
 
@@ -168,14 +169,10 @@ def amoe_version() -> str:
         return "unknown"
 
 
-def _finite(v: float) -> float | None:
-    return v if v == v and abs(v) != float("inf") else None
-
-
 def metadata(model: AnomalyMoE, geometry: dict[str, int], fmt: str, ckpt_path: str | None, files: dict) -> dict[str, Any]:
     cfg, sc = model.config, model.scorer
     calibrated = bool(sc.calibrated)
-    image_thr, pixel_thr = _finite(float(sc.image_threshold)), _finite(float(sc.pixel_threshold))
+    image_thr, pixel_thr = finite_or_none(float(sc.image_threshold)), finite_or_none(float(sc.pixel_threshold))
     src = "checkpoint: {} quantile of the held-out normal images' {}"
     return {
         "format": fmt,
