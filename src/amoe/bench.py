@@ -14,6 +14,10 @@ noisy machine:
   (which also runs the encoder twice). Dense does the same work for every routing, so it is timed once
   per dtype and reported under both patterns.
 * **sparse** (``sparse=True``): each expert once, on the samples that selected it.
+* **compiled** (``--compile``, what ``make bench`` runs): after each dtype's eager passes, the same passes
+  with ``amoe.compile.compile_for_inference`` (encoder and patch experts as frozen inductor graphs; the
+  first full-batch pass of each routing compiles and is timed as ``compile_s``). The top-level keys are
+  then the compiled run's; eager's main keys are under ``eager``, eager ÷ compiled time in ``compile_gain``.
 * **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` on the same forward (the first warm-up pass;
   dense: on one image, times the batch — dense FLOPs are exactly linear in the batch). The CPU flash
   attention kernel has no formula in torch; the standard SDPA formula (4·T²·d per head) is registered
