@@ -24,7 +24,8 @@ def test_bank_finds_clusters_assigns_and_round_trips():
     unknown = feats.flip(-1)[None]  # (1, 100, 4)
     assert bank.class_index(["x", "new"]).tolist() == [0, -1]
     assert torch.equal(bank.assign(unknown, ["new"]), bank.assign(unknown, ["y"]))
-    assert torch.equal(bank.assign_rows(unknown, torch.tensor([-1])), bank.assign(unknown, ["y"]))
+    assert bank.best_fitting_rows(unknown).tolist() == [1]
+    assert torch.equal(bank.assign_rows(unknown, torch.tensor([1])), bank.assign(unknown, ["y"]))
     other = ComponentBank(num_components=2, dim=4)
     other.load_state_dict(bank.state_dict())
     assert other.classes == bank.classes and torch.equal(other.centres, bank.centres)

@@ -105,21 +105,27 @@ class ComponentBank(nn.Module):
         known = {c: i for i, c in enumerate(self.classes)}
         return torch.tensor([known.get(c, -1) for c in classes], dtype=torch.long, device=device)
 
-    def assign_rows(self, feats: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
-        """feats: (B, P, D), class_index: (B,) bank rows (-1: unknown) -> nearest centre (cosine) per patch,
-        (B, P) long. An unknown class takes the bank whose centres fit its patches best (highest mean
-        max-cosine). Tensor-only, so the export traces it as it is."""
+    def best_fitting_rows(self, feats: torch.Tensor) -> torch.Tensor:
+        """feats: (B, P, D) -> (B,) the bank whose centres fit each sample's patches best (highest mean
+        max-cosine): the row for a class the bank does not know."""
         f = F.normalize(feats, dim=-1)
-        centres = self.centres.to(f.dtype)  # (C, K, D)
-        fit = torch.einsum("bpd,ckd->bpck", f, centres).amax(-1).mean(1)  # (B, C)
-        row = torch.where(class_index >= 0, class_index, fit.argmax(-1))
-        return torch.einsum("bpd,bkd->bpk", f, centres[row]).argmax(-1)
+        return torch.einsum("bpd,ckd->bpck", f, self.centres.to(f.dtype)).amax(-1).mean(1).argmax(-1)
+
+    def assign_rows(self, feats: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """feats: (B, P, D), rows: (B,) bank rows -> nearest centre (cosine) per patch, (B, P) long.
+        Tensor-only, so the export traces it as it is."""
+        centres = self.centres[rows].to(feats.dtype)  # (B, K, D)
+        return torch.einsum("bpd,bkd->bpk", F.normalize(feats, dim=-1), centres).argmax(-1)
 
     def assign(self, feats: torch.Tensor, classes: list[str]) -> torch.Tensor:
         """feats: (B, P, D), classes: B class names -> nearest centre (cosine) per patch, (B, P) long."""
         if not self.is_built:
             raise RuntimeError("component bank is empty: it is built at the start of `fit` (or loaded from a checkpoint).")
-        return self.assign_rows(feats, self.class_index(classes, feats.device))
+        rows = self.class_index(classes, feats.device)
+        unknown = (rows < 0).nonzero().flatten()
+        if len(unknown):  # only those samples pay for the fit over every bank
+            rows[unknown] = self.best_fitting_rows(feats[unknown])
+        return self.assign_rows(feats, rows)
 
     def get_extra_state(self) -> dict:
         return {"classes": list(self.classes), "centres": self.centres.detach().cpu()}

@@ -55,7 +55,7 @@ class ExportError(RuntimeError):
 # --- graphs --------------------------------------------------------------------------------------------
 class FrontGraph(nn.Module):
     """Encoder + router + component assignment. ``class_index``: the sample's component-bank row, or -1
-    (a class the bank does not know: the best-fitting bank, :meth:`ComponentBank.assign_rows`)."""
+    (a class the bank does not know: the best-fitting bank, :meth:`ComponentBank.best_fitting_rows`)."""
 
     def __init__(self, model: AnomalyMoE):
         super().__init__()
@@ -70,7 +70,9 @@ class FrontGraph(nn.Module):
         router = m.router(router_in)
         out = [fused, torch.stack(enc_groups, 1), router.weights, router.topk]
         if len(m.component_experts):
-            assign = m.component_bank.assign_rows(target, class_index)  # (B, h*w), as AnomalyMoE.forward
+            bank = m.component_bank  # the same assignment as AnomalyMoE.forward; -1 -> the best-fitting bank
+            rows = torch.where(class_index >= 0, class_index, bank.best_fitting_rows(target))
+            assign = bank.assign_rows(target, rows)  # (B, h*w)
             parts, _ = masked_average_pool(target, assign, cfg.num_components)
             out += [assign, parts]
         return tuple(out)
