@@ -52,6 +52,8 @@ def test_compile_ab_reports_compiled_headline_and_eager_keys(capsys):
     assert all(v > 0 for v in out["compile_gain"]["fp32"].values())
     assert set(out["compile_s"]) == {"fp32/worst", "fp32/mixed", "fp32/dense"}
     assert out["compiled_vs_eager_max_abs_score_diff"]["fp32"] <= 1e-5 and out["max_abs_score_diff"] <= 1e-5
+    with pytest.raises(SystemExit):  # an unknown part is refused before any pass runs
+        main([*args, "--compile-parts", "encoder,decoder"])
 
 
 def test_forced_routes_have_the_intended_groups():

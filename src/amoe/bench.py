@@ -53,6 +53,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from amoe.compile import PARTS as COMPILE_PARTS
 from amoe.compile import compile_for_inference, uncompile
 from amoe.model import GROUPS, AnomalyMoE, AnomalyMoEConfig
 
@@ -244,7 +245,12 @@ def bench_inference(model: AnomalyMoE, args, dtypes: list[str]) -> dict[str, Any
             for variant in variants:
                 got = res[variant]
                 if variant == "compiled":
-                    compile_for_inference(model, tuple(args.compile_parts.split(",")))
+                    compile_for_inference(model, args.compile_parts)
+
+                def compiling(run, name, dt=dt):  # the first full-batch pass compiles what it runs
+                    t0 = time.perf_counter()
+                    run()
+                    res["compile_s"][(dt, name)] = time.perf_counter() - t0
                 if variant == "eager" and not args.skip_dense:  # dense FLOPs are linear in the batch: count one image (a warm-up too)
                     with flop_counter() as fc:
                         infer(n=1, sparse=False)
@@ -258,10 +264,8 @@ def bench_inference(model: AnomalyMoE, args, dtypes: list[str]) -> dict[str, Any
                         with flop_counter() as fc:
                             infer(n=n, route=route)
                         res["flops"].setdefault(f"sparse_{pattern}", {k: v * args.batch / n for k, v in stage_flops(fc).items()})
-                    else:  # the first full-batch pass compiles what this routing runs
-                        t0 = time.perf_counter()
-                        run()
-                        res["compile_s"][(dt, pattern)] = time.perf_counter() - t0
+                    else:
+                        compiling(run, pattern)
                     for _ in range(args.warmup):
                         run()
                     t, cpu, st, out = timed(run, args.iters, timer, peak)
@@ -272,9 +276,7 @@ def bench_inference(model: AnomalyMoE, args, dtypes: list[str]) -> dict[str, Any
                 if not args.skip_dense:
                     run = lambda: infer(sparse=False)  # noqa: E731
                     if variant == "compiled":
-                        t0 = time.perf_counter()
-                        run()
-                        res["compile_s"][(dt, "dense")] = time.perf_counter() - t0
+                        compiling(run, "dense")
                     for _ in range(args.dense_warmup):
                         run()
                     t, cpu, st, out = timed(run, args.dense_iters, timer, peak)
@@ -606,7 +608,7 @@ def compare_variants(model: AnomalyMoE, args, res: dict[str, Any]) -> dict[str, 
         stage_gain[key[0]][name] = {s: round(st_e[s] / st_c[s], 3) for s in STAGES if st_c.get(s) and st_e.get(s)}
     out["compile_gain"], out["compile_gain_by_stage"] = dict(gain), dict(stage_gain)
     out["compile_s"] = {f"{dt}/{name}": round(s, 1) for (dt, name), s in res["compile_s"].items()}
-    out["compile_parts"] = args.compile_parts.split(",")
+    out["compile_parts"] = list(args.compile_parts)
     diff: dict[str, float] = defaultdict(float)
     with torch.no_grad():  # the compiled graphs' scores against eager's, same dtype and routing
         for key, o in comp["outputs"].items():
@@ -810,6 +812,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown dtype(s) {bad}; use fp32 and/or bf16")
     if args.train and args.no_train:
         p.error("--train and --no-train exclude each other")
+    args.compile_parts = tuple(x.strip() for x in args.compile_parts.split(",") if x.strip())
+    unknown = [x for x in args.compile_parts if x not in COMPILE_PARTS]
+    if unknown:  # checked here, not after minutes of eager passes
+        p.error(f"--compile-parts {unknown} unknown; choose among {list(COMPILE_PARTS)}")
     return args
 
 
