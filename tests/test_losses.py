@@ -29,6 +29,9 @@ def test_hard_mining_scales_easy_gradients_only():
     torch.testing.assert_close(out, d.detach())  # values unchanged
     out.sum().backward()
     torch.testing.assert_close(d.grad, torch.tensor([[0.1, 0.1, 1.0, 1.0]]))
+    # inference: nothing to scale, the distances come back untouched (no top-k over the batch)
+    plain = d.detach()
+    assert scale_easy_gradient(plain, p=0.5) is plain
 
 
 def test_patch_loss_is_pointwise_cosine_mean_over_groups():
@@ -36,8 +39,8 @@ def test_patch_loss_is_pointwise_cosine_mean_over_groups():
     d1 = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])  # distances 0 and 1 -> mean 0.5
     d2 = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])  # distances 1 and 0 -> mean 0.5
     d3 = torch.tensor([[[1.0, 1.0], [0.0, 1.0]]])  # 1 - 1/sqrt(2) and 0
-    torch.testing.assert_close(patch_loss([e, e], [d1, d2]), torch.tensor([0.5]))
-    torch.testing.assert_close(patch_loss([e], [d3]), torch.tensor([(1 - 1 / math.sqrt(2)) / 2]))
+    torch.testing.assert_close(patch_loss([cosine_distance(e, d1), cosine_distance(e, d2)]), torch.tensor([0.5]))
+    torch.testing.assert_close(patch_loss([cosine_distance(e, d3)]), torch.tensor([(1 - 1 / math.sqrt(2)) / 2]))
 
 
 def test_component_loss_counts_only_present_components():

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from amoe.patch_experts import LinearAttention, PatchExpert, phi
+from amoe.patch_experts import LinearAttention, PatchExpert, fuse_layers, phi
 
 
 def test_phi_is_elu_plus_one_with_its_gradient():
@@ -57,3 +57,18 @@ def test_patch_expert_groups_pair_reversed_decoder_blocks():
     g0, g1 = expert(x)
     torch.testing.assert_close(g0, (outs[3] + outs[2]) / 2)  # deepest decoder blocks <-> first encoder group
     torch.testing.assert_close(g1, (outs[1] + outs[0]) / 2)
+
+
+def test_fuse_layers_is_the_elementwise_mean_in_the_layers_dtype():
+    a, b, c = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, -2.0]]), torch.tensor([[5.0, 6.0]])
+    out = fuse_layers([a, b, c])
+    torch.testing.assert_close(out, torch.tensor([[3.0, 2.0]]))
+    assert a.tolist() == [[1.0, 2.0]]  # the accumulator is a copy: the first layer is not written
+    assert fuse_layers([a]) is not a and fuse_layers([a]).tolist() == a.tolist()
+    # bf16 layers are summed in float32 and rounded once: 1 + 2⁻⁸ + 2⁻⁸ would round to 1 in bf16 sums
+    one, tiny = torch.ones(1, dtype=torch.bfloat16), torch.full((1,), 2.0**-8, dtype=torch.bfloat16)
+    out = fuse_layers([one, tiny, tiny, tiny])
+    assert out.dtype == torch.bfloat16
+    assert out.item() == torch.tensor((1 + 3 * 2.0**-8) / 4).bfloat16().item()
+    layers = [torch.randn(2, 7, 5) for _ in range(8)]
+    torch.testing.assert_close(fuse_layers(layers), torch.stack(layers).mean(0))

@@ -56,6 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from amoe.compile import PARTS as COMPILE_PARTS
 from amoe.compile import compile_for_inference, uncompile
 from amoe.model import GROUPS, AnomalyMoE, AnomalyMoEConfig
+from amoe.patch_experts import fuse_layers
 
 log = logging.getLogger(__name__)
 
@@ -756,7 +757,7 @@ def op_profile(args: argparse.Namespace) -> int:
     setting = f"{torch.get_num_threads()} thread(s), batch {args.batch}, {cfg.img_size} px"
     for dtype in args.dtypes.split(","):
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
-            fused = torch.stack(model.encoder(x).layers).mean(0)
+            fused = fuse_layers(model.encoder(x).layers)
         print(op_table(lambda: model.encoder(x), f"Encoder ({dtype}, {setting})", dtype) + "\n", flush=True)
         print(op_table(lambda f=fused: model.patch_experts[0](f), f"One patch expert ({dtype}, {setting})", dtype) + "\n", flush=True)
     return 0

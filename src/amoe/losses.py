@@ -18,8 +18,10 @@ def scale_easy_gradient(d: torch.Tensor, p: float = 0.9, factor: float = 0.1) ->
     """Hard mining: same values; points below the batch p-quantile (the k-th largest distance,
     k = max(1, ⌊N(1-p)⌋), as in the reference) get their gradient multiplied by ``factor``.
 
-    d: (B, P) distances over the whole batch.
+    d: (B, P) distances over the whole batch. Without a gradient to shape (inference) ``d`` is returned as is.
     """
+    if not d.requires_grad:
+        return d
     flat = d.detach().flatten()
     k = max(1, int(flat.numel() * (1 - p)))
     thr = flat.topk(k).values[-1]
@@ -27,12 +29,13 @@ def scale_easy_gradient(d: torch.Tensor, p: float = 0.9, factor: float = 0.1) ->
     return torch.where(easy, factor * d + (1 - factor) * d.detach(), d)
 
 
-def patch_loss(enc: list[torch.Tensor], dec: list[torch.Tensor], p: float = 0.9, factor: float = 0.1) -> torch.Tensor:
+def patch_loss(dists: list[torch.Tensor], p: float = 0.9, factor: float = 0.1) -> torch.Tensor:
     """Eq. 6: hard-mined pointwise cosine distance, mean over points, then over fusion groups.
 
-    enc, dec: per group (B, P, D) -> (B,) per-sample loss.
+    dists: per group (B, P) pointwise distances ``cosine_distance(enc, dec)`` (the same ones make the
+    patch map, so they are computed once) -> (B,) per-sample loss.
     """
-    per_group = [scale_easy_gradient(cosine_distance(e, d), p, factor).mean(dim=1) for e, d in zip(enc, dec)]
+    per_group = [scale_easy_gradient(d, p, factor).mean(dim=1) for d in dists]
     return torch.stack(per_group).mean(0)
 
 

@@ -35,7 +35,7 @@ from amoe.losses import (
     patch_loss,
     scale_gradient,
 )
-from amoe.patch_experts import PatchExpert
+from amoe.patch_experts import PatchExpert, fuse_layers
 from amoe.router import Router, RouterOutput
 from amoe.scoring import Scorer
 
@@ -209,7 +209,7 @@ class AnomalyMoE(nn.Module):
     def patch_embeddings(self, image: torch.Tensor) -> torch.Tensor:
         """F̄: mean of the selected encoder layers' patch tokens, (B, 3, H, W) -> (B, h*w, D)."""
         enc = self.encoder(image)
-        return torch.stack(enc.layers).mean(0)[:, enc.num_prefix :]
+        return fuse_layers(enc.layers)[:, enc.num_prefix :]
 
     def forward(
         self, image: torch.Tensor, classes: list[str], sparse: bool = False, route: torch.Tensor | None = None
@@ -261,9 +261,9 @@ class AnomalyMoE(nn.Module):
                     idx = rows  # a sub-batch (a whole batch stays a view: no gather copies)
             if group == 0:  # patch expert: pointwise cosine distance per fusion group (Eq. 6)
                 dec = expert(fused[idx])
-                enc_g = [e[idx] for e in enc_groups]
-                loss = patch_loss(enc_g, [d[:, p:] for d in dec], cfg.hard_mining_p, cfg.hard_mining_factor)
-                amap = torch.stack([cosine_distance(e, d[:, p:]) for e, d in zip(enc_g, dec)]).mean(0)  # (b, h*w)
+                dists = [cosine_distance(e[idx], d[:, p:]) for e, d in zip(enc_groups, dec)]  # per group (b, h*w)
+                loss = patch_loss(dists, cfg.hard_mining_p, cfg.hard_mining_factor)
+                amap = torch.stack(dists).mean(0)  # (b, h*w)
                 rep = dec[-1][:, p:].mean(1)
             elif group == 1:  # component expert: part vectors (Eq. 7)
                 rec = expert(parts[idx])  # (b, C, D)
@@ -295,8 +295,8 @@ class AnomalyMoE(nn.Module):
         """Encoder output -> bottleneck input F (B, P + h*w, D; mean of the selected layers), the fusion groups'
         targets [(B, h*w, D)] and the router input (B, D: the CLS token or the mean patch token)."""
         p = enc.num_prefix
-        fused = torch.stack(enc.layers).mean(0)
-        enc_groups = [torch.stack([enc.layers[i] for i in g]).mean(0)[:, p:] for g in self.config.fuse_groups]
+        fused = fuse_layers(enc.layers)
+        enc_groups = [fuse_layers([enc.layers[i] for i in g])[:, p:] for g in self.config.fuse_groups]
         router_in = enc.cls if self.config.router_input == "cls" else fused[:, p:].mean(1)
         return fused, enc_groups, router_in
 

