@@ -524,3 +524,23 @@ def test_evaluate_maps_cli_round_trip(tmp_path, capsys):
         np.save(tmp_path / "labels.npy", np.zeros(4))
         assert main_evaluate_maps(argv[:2]) == 0
     assert json.loads(capsys.readouterr().out)["image_auroc"] is None
+
+
+def test_evaluate_on_numpy_arrays_never_imports_torch():
+    # torch's import is ~0.5 GB resident: a metrics-only process (evaluate on saved maps) must not pay it
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from amoe.metrics import evaluate\n"
+        "rng = np.random.default_rng(0)\n"
+        "masks = np.zeros((4, 16, 16), np.uint8); masks[2:, 4:9, 4:9] = 1\n"
+        "maps = rng.random((4, 16, 16), dtype=np.float32) + masks\n"
+        "out = evaluate(maps.reshape(4, -1).max(1), np.array([0, 0, 1, 1]), maps, masks)\n"
+        "assert out['image_auroc'] == 1.0 and 'pixel_aupro' in out, out\n"
+        "print('torch' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"

@@ -29,9 +29,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
+
+# torch is imported only where tensors come in (DatasetEvaluator's resizing): `evaluate` on numpy arrays
+# runs without it, and its import alone is ~0.5 GB resident (docs/PERFORMANCE.md, metrics memory).
 
 _CHUNK = 64  # images per step when packing pixels: bounds the temporaries
 
@@ -58,9 +59,15 @@ class _Groups(NamedTuple):
     n_neg: int
 
 
+def _is_tensor(x: Any) -> bool:
+    """``isinstance(x, torch.Tensor)`` without importing torch (a tensor exists only once torch is loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def _np(x: Any) -> np.ndarray:
     """Tensor / array / memmap -> ndarray (no copy when possible)."""
-    if isinstance(x, torch.Tensor):
+    if _is_tensor(x):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
 
@@ -634,7 +641,7 @@ class _Part:
 
 def _jsonable(x: Any) -> Any:
     """Make an `extras` value JSON-safe (tensors, arrays, tuples and paths become lists and strings)."""
-    if isinstance(x, torch.Tensor | np.ndarray):
+    if isinstance(x, np.ndarray) or _is_tensor(x):
         return x.tolist()
     if isinstance(x, np.generic):
         return x.item()
@@ -844,8 +851,11 @@ class DatasetEvaluator:
 
     def _prepare(self, maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
         """maps/masks (B, [1,] H, W) -> float32 (B, S, S), bool (B, S, S) numpy at eval_size."""
-        tm = maps if isinstance(maps, torch.Tensor) else torch.from_numpy(np.asarray(maps))
-        tk = masks if isinstance(masks, torch.Tensor) else torch.from_numpy(np.asarray(masks))
+        import torch
+        import torch.nn.functional as F
+
+        tm = maps if _is_tensor(maps) else torch.from_numpy(np.asarray(maps))
+        tk = masks if _is_tensor(masks) else torch.from_numpy(np.asarray(masks))
         tm = tm.detach().to("cpu", torch.float32)
         tk = tk.detach().cpu()
         tm = tm.reshape(tm.shape[0], 1, *tm.shape[-2:])
