@@ -771,9 +771,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup", type=int, default=0,
         help="untimed full-batch sparse passes after the 1-image counting pass (first-call overhead measured <1 %%)",
     )
-    p.add_argument("--iters", type=int, default=1, help="timed sparse passes (the best counts)")
+    p.add_argument(
+        "--iters", type=int, default=2,
+        help="timed sparse passes, the best counts (a pass is 10-25 s on 2 cores: one neighbour burst moved a single pass by 10 %%)",
+    )
     p.add_argument("--dense-warmup", type=int, default=0, help="untimed full-batch dense passes (a 1-image dense pass always runs first)")
-    p.add_argument("--dense-iters", type=int, default=1)
+    p.add_argument("--dense-iters", type=int, default=2, help="timed dense passes, the best counts (as --iters)")
     p.add_argument("--skip-dense", action="store_true", help="no dense passes (faster; no speed-up / score check)")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
     p.add_argument(
