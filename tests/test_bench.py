@@ -18,7 +18,7 @@ def _leaves(d, path=()):
 
 
 def test_quick_bench_prints_the_json_with_finite_values(capsys):
-    assert main(["--quick", "--batch", "2", "--iters", "1", "--peak-size", "128", "--runtimes", "none"]) == 0
+    assert main(["--quick", "--batch", "2", "--iters", "1", "--peak-size", "128", "--runtimes", "none", "--dtypes", "fp32,bf16"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     out = json.loads(last)
     for key in ("encoder_ms_per_img", "dense_ms_per_img", "sparse_ms_per_img"):
@@ -39,6 +39,27 @@ def test_quick_bench_prints_the_json_with_finite_values(capsys):
     bad = [p for p, v in numbers if not math.isfinite(v)]
     assert not bad, bad
     assert out["gflop_per_img"]["dense"]["total"] > out["gflop_per_img"]["sparse_worst"]["total"] > 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_dtypes_run_bf16_only_where_the_cpu_has_a_fast_path(monkeypatch, fast):
+    import amoe.bench
+
+    monkeypatch.setattr(amoe.bench, "cpu_bf16_is_fast", lambda: fast)
+    args = amoe.bench.parse_args(["--quick"])
+    assert args.dtypes == ("fp32,bf16" if fast else "fp32")
+    assert ("bf16" in args.dtypes_skipped) is not fast
+    assert amoe.bench.parse_args(["--quick", "--dtypes", "fp32,bf16"]).dtypes == "fp32,bf16"  # asked for: run as given
+
+
+def test_a_skipped_dtype_is_named_in_the_json(monkeypatch, capsys):
+    import amoe.bench
+
+    monkeypatch.setattr(amoe.bench, "cpu_bf16_is_fast", lambda: False)
+    assert main(["--quick", "--batch", "2", "--iters", "1", "--dense-iters", "1", "--peak-size", "128", "--runtimes", "none", "--no-train"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["sparse_ms_per_img"]) == {"fp32"} and out["flops_utilization_dtype"] == "fp32"
+    assert "scalar GEMM" in out["dtypes_skipped"]["bf16"]
 
 
 def test_compile_ab_reports_compiled_headline_and_eager_keys(capsys):

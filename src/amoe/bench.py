@@ -7,7 +7,8 @@ noisy machine:
   best sample of the run is the peak (a high peak only makes the utilisation lower).
 * **model**: the paper-sized AnomalyMoE (``AnomalyMoEConfig()`` defaults: ViT-B/14-reg4 at 392², 6/6/6
   experts, K=3) with random weights (``pretrained=False``; speed does not depend on the values) and a
-  component bank built from random embeddings. Batch 8, fp32 and bf16 (``torch.autocast``).
+  component bank built from random embeddings. Batch 8, fp32 and bf16 (``torch.autocast``; by default bf16
+  only where the CPU has a vectorised bf16 path, ``amoe.hardware``; ``dtypes_skipped`` says why not).
 * **routing** forced with ``route=``: ``worst`` (all K experts are patch experts, the most expensive
   group; spread over the patch experts) and ``mixed`` (one expert of each group, spread).
 * **dense** (``sparse=False``): all 18 experts on one encoder pass — the released code's inference
@@ -55,6 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from amoe.compile import PARTS as COMPILE_PARTS
 from amoe.compile import compile_for_inference, uncompile
+from amoe.hardware import bf16_cpu_hint, cpu_bf16_is_fast
 from amoe.model import GROUPS, AnomalyMoE, AnomalyMoEConfig
 from amoe.patch_experts import fuse_layers
 
@@ -576,9 +578,11 @@ def report(model: AnomalyMoE, args, res: dict[str, Any] | None, train: dict[str,
         "iters": args.iters, "dense_warmup": args.dense_warmup, "dense_iters": args.dense_iters, "peak_size": args.peak_size,
         "train_batch": args.train_batch, "train_warmup": args.train_warmup,
         "threads": torch.get_num_threads(), "threads_reason": args.threads_reason, "load_average_at_start": args.load,
-        "torch": torch.__version__, "cpu": _cpu_name(),
+        "torch": torch.__version__, "cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "wall_s": round(wall, 1),
     }
+    if args.dtypes_skipped:
+        out["dtypes_skipped"] = args.dtypes_skipped
     return out
 
 
@@ -672,6 +676,7 @@ def inference_report(model: AnomalyMoE, args, res: dict[str, Any]) -> dict[str, 
         ),
         "max_abs_score_diff": score_diff,
         "max_abs_map_diff": map_diff,
+        "flops_utilization_dtype": ref,
         "flops_utilization": util[ref]["worst"],
         "flops_utilization_mixed": util[ref]["mixed"],
         "flops_utilization_all": util,
@@ -778,7 +783,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dense-warmup", type=int, default=0, help="untimed full-batch dense passes (a 1-image dense pass always runs first)")
     p.add_argument("--dense-iters", type=int, default=2, help="timed dense passes, the best counts (as --iters)")
     p.add_argument("--skip-dense", action="store_true", help="no dense passes (faster; no speed-up / score check)")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
+    p.add_argument(
+        "--dtypes", default="auto",
+        help="comma list of fp32, bf16; auto = fp32, and bf16 where the CPU has a vectorised bf16 path (amoe.hardware)",
+    )
     p.add_argument(
         "--routing", choices=("concentrated", "spread"), default="concentrated",
         help="forced routes: every sample the same K experts (default), or spread over each group's experts",
@@ -811,6 +819,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.img_size = args.img_size or (56 if args.quick else 392)
     args.peak_size = args.peak_size or (256 if args.quick else 4096)
+    args.dtypes_skipped = {}
+    if args.dtypes == "auto":  # an explicit list is run as given, even where bf16 is slow
+        args.dtypes = "fp32,bf16" if cpu_bf16_is_fast() else "fp32"
+        if args.dtypes == "fp32":
+            args.dtypes_skipped = {"bf16": bf16_cpu_hint()}
     bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
     if bad:
         p.error(f"unknown dtype(s) {bad}; use fp32 and/or bf16")
@@ -834,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     log.info("threads: %d (%s)", threads, why)
+    for dt, reason in args.dtypes_skipped.items():
+        log.warning("%s skipped: %s; --dtypes fp32,%s runs it anyway", dt, reason, dt)
     try:
         return op_profile(args) if args.op_profile else _run(args)
     finally:

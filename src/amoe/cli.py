@@ -43,6 +43,7 @@ from amoe.checkpoint import (
     saved_config,
 )
 from amoe.encoder import EncoderWeightsError
+from amoe.hardware import warn_if_bf16_is_slow
 from amoe.module import AnomalyMoEModule
 from amoe.results import make_run_dir
 from amoe.wandb_mode import wandb_wanted
@@ -223,6 +224,7 @@ class AmoeCLI(LightningCLI):
         if self.subcommand != "predict" and (cfg.get("threshold") is not None or cfg.get("pixel_threshold") is not None):
             raise UsageError("--threshold and --pixel_threshold apply to `amoe predict` only.")
         self.check_data_first(cfg)
+        warn_if_bf16_is_slow(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
         base = cfg.trainer.default_root_dir or os.path.join("runs", "default")
         ckpt = cfg.get("ckpt_path")
         if ckpt == "last":
