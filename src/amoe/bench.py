@@ -821,8 +821,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.peak_size = args.peak_size or (256 if args.quick else 4096)
     args.dtypes_skipped = {}
     if args.dtypes == "auto":  # an explicit list is run as given, even where bf16 is slow
-        args.dtypes = "fp32,bf16" if cpu_bf16_is_fast() else "fp32"
-        if args.dtypes == "fp32":
+        fast = cpu_bf16_is_fast()
+        args.dtypes = "fp32,bf16" if fast else "fp32"
+        if not fast:
             args.dtypes_skipped = {"bf16": bf16_cpu_hint()}
     bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
     if bad:

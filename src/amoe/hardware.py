@@ -14,12 +14,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-BF16_CPU_HINT = (
-    "this CPU has no vectorised bf16 matmul path (oneDNN needs AVX-512 BW/VL/DQ, AVX512_BF16 or AMX; cpu capability: {cap}): "
-    "bf16 matmuls fall back to a scalar GEMM, about 80x slower than fp32 (docs/PERFORMANCE.md)"
-)
-
-
 def cpu_bf16_is_fast() -> bool:
     """True where oneDNN has a vectorised bf16 path on this CPU (what ``torch.matmul`` in bf16 uses).
     Unknown (an API this torch lacks) counts as fast: nothing is refused on a guess."""
@@ -30,8 +24,12 @@ def cpu_bf16_is_fast() -> bool:
 
 
 def bf16_cpu_hint() -> str:
-    """The one-line reason given where bf16 is skipped or warned about (``BF16_CPU_HINT`` filled in)."""
-    return BF16_CPU_HINT.format(cap=torch.backends.cpu.get_cpu_capability())
+    """The one-line reason given where bf16 is skipped or warned about."""
+    return (
+        "this CPU has no vectorised bf16 matmul path (oneDNN needs AVX-512 BW/VL/DQ, AVX512_BF16 or AMX; "
+        f"cpu capability: {torch.backends.cpu.get_cpu_capability()}): "
+        "bf16 matmuls fall back to a scalar GEMM, about 80x slower than fp32 (docs/PERFORMANCE.md)"
+    )
 
 
 def warn_if_bf16_is_slow(precision: str | int | None, accelerator: str | None) -> bool:
