@@ -58,3 +58,72 @@ def test_auto_accelerator_counts_as_cpu_without_cuda(monkeypatch):
     assert hardware.warn_if_bf16_is_slow("bf16-mixed", "auto") is True
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert hardware.warn_if_bf16_is_slow("bf16-mixed", "auto") is False
+
+
+@pytest.mark.parametrize(
+    ("capability", "grad", "channels_last"),
+    [("AVX2", True, False), ("AVX2", False, True), ("AVX512", True, True), ("AVX512", False, True), ("DEFAULT", True, False)],
+)
+def test_conv_memory_format_keeps_nchw_only_for_backward_without_avx512(monkeypatch, capability, grad, channels_last):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    with torch.set_grad_enabled(grad):
+        fmt = hardware.conv_memory_format(torch.zeros(1, 3, 4, 4))
+    assert fmt == (torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_global_expert_training_layout_follows_the_cpu_and_gives_the_same_values(monkeypatch):
+    from amoe.global_experts import GlobalExpert
+
+    torch.manual_seed(0)
+    expert = GlobalExpert(dim=16, grid=(4, 4), patch=14, width=8, code=8, student_channels=(8, 16))
+    x = torch.randn(2, 3, 56, 56)
+    outs, grads = {}, {}
+    for capability in ("AVX2", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        expert.zero_grad(set_to_none=True)
+        out = expert(x)
+        (out.ae.square().mean() + out.student.square().mean()).backward()
+        outs[capability] = out
+        grads[capability] = expert.student.net[3].weight.grad.clone()
+    assert outs["AVX2"].student.is_contiguous()
+    assert outs["AVX512"].student.is_contiguous(memory_format=torch.channels_last)
+    assert not outs["AVX512"].student.is_contiguous()
+    torch.testing.assert_close(outs["AVX2"].student, outs["AVX512"].student, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads["AVX2"], grads["AVX512"], rtol=1e-4, atol=1e-6)
+
+
+_FAULTS = """
+import resource
+from amoe.hardware import retain_freed_memory
+import torch
+print(retain_freed_memory())
+for _ in range(8):  # settles after a few rounds: small allocations take the first freed blocks
+    torch.ones(2**24).sum()  # 64 MB: over glibc's default mmap threshold
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    torch.ones(2**24).sum()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(hardware._glibc() is None, reason="glibc malloc only (Linux)")
+@pytest.mark.parametrize("setting", ["retain", "system"])
+def test_retained_memory_is_reused_without_page_faults(setting):
+    """Four 64 MB allocations after eight: glibc's defaults fault in all 4 × 16 384 pages again; kept
+    for reuse they fault in (almost) none. ``AMOE_MALLOC=system`` leaves glibc's defaults."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AMOE_MALLOC": setting}
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == str(setting == "retain")
+    faults = int(out[1])
+    if setting == "retain":
+        assert faults < 2_000, faults
+    else:
+        assert faults > 4 * 16_384 * 0.9, faults
+
+
+def test_release_freed_memory_runs():
+    hardware.release_freed_memory()  # malloc_trim(0) where glibc exists; a no-op elsewhere

@@ -56,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from amoe.compile import PARTS as COMPILE_PARTS
 from amoe.compile import compile_for_inference, uncompile
-from amoe.hardware import bf16_cpu_hint, cpu_bf16_is_fast
+from amoe.hardware import bf16_cpu_hint, cpu_bf16_is_fast, release_freed_memory
 from amoe.model import GROUPS, AnomalyMoE, AnomalyMoEConfig
 from amoe.patch_experts import fuse_layers
 
@@ -421,6 +421,7 @@ def _fitting_train_batch(requested: int, per_img_mb: float) -> tuple[int, str]:
     real growth (paper model, fp32: 5.4 GB saved per image, the peak RSS of a 1-image step grew by 4.1 GB
     over its ~8.5 GB of weights, gradients and optimiser state), so batch 4 (~27 GB) does not fit a 24 GB
     machine: it was killed by the OOM killer at 22.7 GB."""
+    release_freed_memory()  # the 1-image step's freed activations, kept by malloc, count as available
     free = _meminfo_mb("MemAvailable")
     if free is None:
         return requested, "requested (no memory information)"

@@ -43,7 +43,7 @@ from amoe.checkpoint import (
     saved_config,
 )
 from amoe.encoder import EncoderWeightsError
-from amoe.hardware import warn_if_bf16_is_slow
+from amoe.hardware import retain_freed_memory, warn_if_bf16_is_slow
 from amoe.module import AnomalyMoEModule
 from amoe.results import make_run_dir
 from amoe.wandb_mode import wandb_wanted
@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen encoder, by design
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+    retain_freed_memory()  # no page faults on every step's activations (AMOE_MALLOC=system: glibc defaults)
     cmd = argv[0] if argv else ""
     if cmd == "inspect-data":
         from data_modules.inspect import main as inspect_main

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amoe.hardware import conv_memory_format
+
 
 class GlobalOutput(NamedTuple):
     ae: torch.Tensor  # (B, D, h, w) autoencoder reconstruction of the encoder features
@@ -98,9 +100,10 @@ class GlobalExpert(nn.Module):
         self.student = StudentCNN(dim, patch, student_channels) if mode == "ae_student" else None
 
     def forward(self, image: torch.Tensor) -> GlobalOutput:
-        """image (B, 3, H, W) -> GlobalOutput of (B, D, h, w) maps (in channels-last memory layout)."""
+        """image (B, 3, H, W) -> GlobalOutput of (B, D, h, w) maps (channels-last except in AVX2 training)."""
         # channels-last (NHWC) is oneDNN's fast layout for convolutions, about 2x in bf16 for the
-        # student's 256->512 conv at 196² that dominates this expert; values are unchanged.
-        image = image.contiguous(memory_format=torch.channels_last)
+        # student's 256->512 conv at 196² that dominates this expert, but 2.8x slower in its AVX2
+        # backward (amoe.hardware.conv_memory_format); values are the same either way.
+        image = image.contiguous(memory_format=conv_memory_format(image))
         ae = self.ae(image)
         return GlobalOutput(ae, self.student(image) if self.student is not None else None)
