@@ -96,17 +96,18 @@ def test_wandb_report_holds_the_tables_and_the_groups_runs():
 
 
 def test_ablations_smoke_on_synthetic_writes_tables_json_and_dashboard(tmp_path):
-    code = main(["ablations", "--smoke", "--dataset", "synthetic", "--only", "patch,no_eir",
+    # one row (each trains a model: 30 s on a Zen 3); several rows and their order: the @slow test below
+    code = main(["ablations", "--smoke", "--dataset", "synthetic", "--only", "no_eir",
                  "--out", str(tmp_path / "res"), "--work", str(tmp_path / "runs")])
     assert code == 0
     data = json.loads((tmp_path / "res" / "ablations_synthetic.json").read_text())
-    assert [r["setting"] for r in data["rows"]] == ["patch", "no_eir"] and data["protocol"] == "synthetic"
+    assert [r["setting"] for r in data["rows"]] == ["no_eir"] and data["protocol"] == "synthetic"
     assert all(r["status"] == "ok" and 0 <= r["image_auroc"] <= 100 for r in data["rows"])
     page = (tmp_path / "res" / "ablations.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "http" not in page.replace("http://www.w3.org", "")
     import pandas as pd
 
-    assert list(pd.read_csv(tmp_path / "res" / "ablations_synthetic.csv")["setting"]) == ["patch", "no_eir"]
+    assert list(pd.read_csv(tmp_path / "res" / "ablations_synthetic.csv")["setting"]) == ["no_eir"]
 
 
 @pytest.mark.slow

@@ -98,6 +98,7 @@ def test_reproduce_smoke_trains_one_model_on_the_eight_trees(tmp_path):
     assert "ONE model trained on 8 of 8 datasets" in text and "Not the paper's protocol" not in text
 
 
+@pytest.mark.slow  # a second reproduce smoke (35 s on a Zen 3); the eight-tree smoke above stays in make test
 def test_fewer_datasets_say_it_is_not_the_papers_protocol(tmp_path):
     code = main(["reproduce", "--smoke", "--datasets", "visa,ped2", "--out", str(tmp_path / "res"),
                  "--work", str(tmp_path / "runs")])
