@@ -49,8 +49,9 @@ def warn_if_bf16_is_slow(precision: str | int | None, accelerator: str | None) -
 def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The layout for the global experts' convolutions on ``x``'s device in the current grad mode.
 
-    Channels-last (NHWC) is oneDNN's and cuDNN's fast layout, and measured faster for inference on both
-    CPUs here and for bf16 and fp32 training on an AVX-512 CPU. The exception is training on a CPU without
+    Channels-last (NHWC) is oneDNN's and cuDNN's fast layout: measured faster for fp32 inference on an AVX2
+    CPU and for bf16 on an AVX-512 CPU, where training in it ran at 0.65–0.72 of the peak in both dtypes
+    (NCHW was not measured there). The exception is training on a CPU without
     AVX-512: oneDNN's AVX2 weight gradient of the student's 256->512 conv at 196² runs at 0.20 of the fp32
     peak channels-last against 0.56 in NCHW (docs/PERFORMANCE.md), so backward there stays NCHW.
     """
