@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from amoe.bench import main, make_routes, quick_config
+from amoe.bench import StageTimer, build_model, main, make_routes, quick_config, timed_interleaved
 
 
 def _leaves(d, path=()):
@@ -75,6 +75,35 @@ def test_compile_ab_reports_compiled_headline_and_eager_keys(capsys):
     assert out["compiled_vs_eager_max_abs_score_diff"]["fp32"] <= 1e-5 and out["max_abs_score_diff"] <= 1e-5
     with pytest.raises(SystemExit):  # an unknown part is refused before any pass runs
         main([*args, "--compile-parts", "encoder,decoder"])
+
+
+def test_timed_passes_go_round_robin_and_keep_each_runs_fastest(monkeypatch):
+    """worst, mixed, dense, worst, mixed, dense: a burst slows one pass of each run, not one run."""
+    calls = []
+    durations = {"worst": [5.0, 3.0], "mixed": [2.0, 4.0], "dense": [9.0]}
+    now = [0.0]
+
+    def fake_clock():
+        return now[0]
+
+    class CountingPeak:
+        def sample(self):
+            calls.append("peak")
+
+    def make(name):
+        def run():
+            calls.append(name)
+            now[0] += durations[name][calls.count(name) - 1]
+            return name
+        return run
+
+    monkeypatch.setattr("amoe.bench.time.perf_counter", fake_clock)
+    timer = StageTimer(build_model(quick_config()))
+    got = timed_interleaved({n: make(n) for n in durations}, {"worst": 2, "mixed": 2, "dense": 1}, timer, CountingPeak())
+    timer.remove()
+    assert calls == ["peak", "worst", "peak", "mixed", "peak", "dense", "peak", "worst", "peak", "mixed"]
+    assert {n: got[n][0] for n in got} == {"worst": 3.0, "mixed": 2.0, "dense": 9.0}
+    assert [got[n][3] for n in got] == ["worst", "mixed", "dense"]
 
 
 def test_forced_routes_have_the_intended_groups():

@@ -24,6 +24,8 @@ noisy machine:
   attention kernel has no formula in torch; the standard SDPA formula (4·T²·d per head) is registered
   for it, so the encoder's attention counts.
 * **stages**: forward hooks time the encoder, router and each expert group inside every timed pass.
+* **timed passes** go round-robin over the routings and dense (worst, mixed, dense, worst, …; best of
+  ``--iters`` / ``--dense-iters`` each), so that a neighbour's burst hits one pass of each, not every pass of one.
 * **train step**: batch 4 (or the largest that fits in memory), fp32 and bf16-mixed, dense, as ``AnomalyMoEModule.training_step`` (the AE view's
   second encoder pass, both optimisers), profiled with ``torch.profiler``; backward ops are attributed to the
   stage whose forward op created them. FLOPs (forward + backward) from FlopCounterMode on a 1-image step,
@@ -206,19 +208,27 @@ def autocast(dtype: str):
     return contextlib.nullcontext()
 
 
-def timed(fn: Callable[[], Any], iters: int, timer: StageTimer, peak: Peak) -> tuple[float, float, dict[str, float], Any]:
-    """Best wall time of ``iters`` passes (a peak sample right before each), that pass's process CPU
-    time (all threads) and its stage times."""
-    best, cpu, stages, out = math.inf, math.nan, {}, None
-    for _ in range(iters):
-        peak.sample()
-        timer.reset()
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        elapsed, used = time.perf_counter() - t0, time.process_time() - c0
-        if elapsed < best:
-            best, cpu, stages = elapsed, used, {**timer.totals, **{f"{k}_cpu": v for k, v in timer.cpu.items()}}
-    return best, cpu, stages, out
+def timed_interleaved(
+    runs: dict[str, Callable[[], Any]], iters: dict[str, int], timer: StageTimer, peak: Peak
+) -> dict[str, tuple[float, float, dict[str, float], Any]]:
+    """Per run: best wall time of ``iters[name]`` passes, that pass's process CPU time (all threads), its
+    stage times and the output. The passes go round-robin (A, B, C, A, B, C, …) with a peak sample right
+    before each, so a neighbour's burst on a shared machine falls on one pass of every run instead of on
+    all passes of one run: the speed-up is a ratio of two of these times."""
+    best: dict[str, tuple[float, float, dict[str, float], Any]] = {name: (math.inf, math.nan, {}, None) for name in runs}
+    for i in range(max(iters.values(), default=0)):
+        for name, fn in runs.items():
+            if i >= iters[name]:
+                continue
+            peak.sample()
+            timer.reset()
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = fn()
+            elapsed, used = time.perf_counter() - t0, time.process_time() - c0
+            if elapsed < best[name][0]:
+                best[name] = (elapsed, used, {**timer.totals, **{f"{k}_cpu": v for k, v in timer.cpu.items()}}, out)
+            log.info("  pass %d %-6s %8.1f s", i + 1, name, elapsed)
+    return best
 
 
 # --- inference -------------------------------------------------------------------------------------
@@ -258,34 +268,26 @@ def bench_inference(model: AnomalyMoE, args, dtypes: list[str]) -> dict[str, Any
                     with flop_counter() as fc:
                         infer(n=1, sparse=False)
                     res["flops"].setdefault("dense", {k: v * args.batch for k, v in stage_flops(fc).items()})
-                for pattern, route in routes.items():
-                    run = lambda r=route: infer(route=r)  # noqa: E731
-                    if variant == "eager":
+                runs = {pattern: (lambda r=route: infer(route=r)) for pattern, route in routes.items()}
+                if not args.skip_dense:
+                    runs["dense"] = lambda: infer(sparse=False)
+                for name, run in runs.items():
+                    if variant == "eager" and name != "dense":
                         # FLOPs (and a warm-up of every op): with concentrated routing sparse FLOPs are linear in
                         # the batch, so one image is counted; spread routing is counted on the whole batch.
                         n = args.batch if args.routing == "spread" else 1
                         with flop_counter() as fc:
-                            infer(n=n, route=route)
-                        res["flops"].setdefault(f"sparse_{pattern}", {k: v * args.batch / n for k, v in stage_flops(fc).items()})
-                    else:
-                        compiling(run, pattern)
-                    for _ in range(args.warmup):
+                            infer(n=n, route=routes[name])
+                        res["flops"].setdefault(f"sparse_{name}", {k: v * args.batch / n for k, v in stage_flops(fc).items()})
+                    elif variant == "compiled":
+                        compiling(run, name)
+                    for _ in range(args.dense_warmup if name == "dense" else args.warmup):
                         run()
-                    t, cpu, st, out = timed(run, args.iters, timer, peak)
-                    got["time"][(dt, "sparse", pattern)], got["stages"][(dt, "sparse", pattern)] = t, st
-                    got["cpu"][(dt, "sparse", pattern)] = cpu
-                    got["outputs"][(dt, "sparse", pattern)] = out
-                    log.info("%s %s sparse %-5s %8.1f ms/img", dt, variant, pattern, 1e3 * t / args.batch)
-                if not args.skip_dense:
-                    run = lambda: infer(sparse=False)  # noqa: E731
-                    if variant == "compiled":
-                        compiling(run, "dense")
-                    for _ in range(args.dense_warmup):
-                        run()
-                    t, cpu, st, out = timed(run, args.dense_iters, timer, peak)
-                    got["time"][(dt, "dense")], got["stages"][(dt, "dense")], got["outputs"][(dt, "dense")] = t, st, out
-                    got["cpu"][(dt, "dense")] = cpu
-                    log.info("%s %s dense        %8.1f ms/img", dt, variant, 1e3 * t / args.batch)
+                iters = {name: args.dense_iters if name == "dense" else args.iters for name in runs}
+                for name, (t, cpu, st, out) in timed_interleaved(runs, iters, timer, peak).items():
+                    key = (dt, "dense") if name == "dense" else (dt, "sparse", name)
+                    got["time"][key], got["cpu"][key], got["stages"][key], got["outputs"][key] = t, cpu, st, out
+                    log.info("%s %s %-12s %8.1f ms/img", dt, variant, name if name == "dense" else f"sparse {name}", 1e3 * t / args.batch)
                 if variant == "compiled":
                     uncompile(model)
             peak.sample(3)
