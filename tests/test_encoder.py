@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from amoe.encoder import EncoderWeightsError, FrozenEncoder
+from amoe.linear import Linear
 
 ARCH = {"embed_dim": 32, "depth": 4, "num_heads": 2}
 
@@ -123,3 +124,17 @@ def test_pos_embed_resampling_timm_or_dinov2(tmp_path, naming):
     assert not torch.allclose(loaded["dinov2"], loaded["timm"], atol=1e-4)
     with pytest.raises(ValueError, match="pos_embed_resample"):
         _encoder(pos_embed_resample="nearest")
+
+
+def test_encoder_linears_take_the_onednn_gemm_with_the_same_features(monkeypatch):
+    enc = _encoder()
+    linears = [m for m in enc.vit.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is Linear for m in linears)
+    x = torch.randn(2, 3, 56, 56)
+    outs = {}
+    for mode in ("mkl", "onednn"):
+        monkeypatch.setenv("AMOE_LINEAR", mode)
+        outs[mode] = enc(x)
+    for a, b in zip(outs["mkl"].layers, outs["onednn"].layers, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["mkl"].cls, outs["onednn"].cls, atol=1e-5, rtol=1e-5)

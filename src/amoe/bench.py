@@ -59,6 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from amoe.compile import PARTS as COMPILE_PARTS
 from amoe.compile import compile_for_inference, uncompile
 from amoe.hardware import bf16_cpu_hint, cpu_bf16_is_fast, release_freed_memory
+from amoe.linear import inference_gemm
 from amoe.model import GROUPS, AnomalyMoE, AnomalyMoEConfig
 from amoe.patch_experts import fuse_layers
 
@@ -582,7 +583,7 @@ def report(model: AnomalyMoE, args, res: dict[str, Any] | None, train: dict[str,
         "train_batch": args.train_batch, "train_warmup": args.train_warmup,
         "threads": torch.get_num_threads(), "threads_reason": args.threads_reason, "load_average_at_start": args.load,
         "torch": torch.__version__, "cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "wall_s": round(wall, 1),
+        "fp32_eager_linear_gemm": inference_gemm(), "wall_s": round(wall, 1),
     }
     if args.dtypes_skipped:
         out["dtypes_skipped"] = args.dtypes_skipped

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from amoe.linear import use_onednn_linears
+
 log = logging.getLogger(__name__)
 
 
@@ -115,6 +117,7 @@ class FrozenEncoder(nn.Module):
         self.name, self.pretrained, self.weights = name, pretrained, weights
         self.pos_embed_resample = pos_embed_resample
         self.vit = timm.create_model(name, pretrained=False, img_size=img_size, num_classes=0, **(arch or {}))
+        use_onednn_linears(self.vit)  # fp32 inference on AVX2 CPUs: oneDNN's GEMM (amoe.linear)
         depth = len(self.vit.blocks)
         if any(i < 0 or i >= depth for i in layers):
             raise ValueError(f"encoder layers {list(layers)} out of range for a {depth}-block '{name}'.")

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from amoe.linear import Linear
+
 
 def fuse_layers(layers: list[torch.Tensor]) -> torch.Tensor:
     """Element-wise mean of equally shaped layers (Eq. 5's fusion: F̄ and the fusion groups), summed in
@@ -27,7 +29,7 @@ class NoisyBottleneck(nn.Module):
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.2, noise_std: float = 0.0):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, dim)
         self.drop = nn.Dropout(dropout)
         self.noise_std = noise_std
 
@@ -60,8 +62,8 @@ class LinearAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}.")
         self.num_heads, self.eps = num_heads, eps
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = x.shape[-1]
@@ -82,7 +84,7 @@ class DecoderBlock(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=ln_eps), nn.LayerNorm(dim, eps=ln_eps)
         self.attn = LinearAttention(dim, num_heads)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(Linear(dim, hidden), nn.GELU(), Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))

@@ -1,0 +1,86 @@
+"""Linear layers that run their GEMM on oneDNN where MKL's measured slower: fp32 inference on AVX2 CPUs.
+
+A linear over tokens, y = x Wᵀ + b with x (..., K), is a 1×1 convolution over the channels-last image
+(1, K, M, 1) that is x's memory as it lies (M = all leading dims), so torch hands it to oneDNN without a
+copy. On a 2-vCPU AMD EPYC Zen 3 (AVX2, no AVX-512), fp32, batch 8 at 392², alternating passes: a patch
+expert took 5.71–6.56 s against 6.40–7.71 s on MKL's sgemm (best/median of 10), the encoder 8.50–9.52 s
+against 9.90–10.54 s (best/median of 8); values equal to 1.5e-6 (docs/PERFORMANCE.md).
+
+Where it applies (``onednn_is_faster``): CPU, fp32, no gradient (the frozen encoder always; the patch
+experts at test and predict time), eager only (not while exporting, tracing or compiling), on a CPU
+without AVX-512 (where it was measured). ``AMOE_LINEAR=mkl`` keeps ``F.linear`` everywhere;
+``AMOE_LINEAR=onednn`` takes the oneDNN path on any CPU (for an A/B). Training's backward never takes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("auto", "mkl", "onednn")
+
+
+@functools.cache
+def _avx2_only() -> bool:
+    return "AVX512" not in torch.backends.cpu.get_cpu_capability()
+
+
+def _traced() -> bool:
+    """Exporting, tracing or compiling: exports keep a plain MatMul, and under inductor the 1×1 conv measured
+    13–20 % slower than its own GEMM (a frozen patch expert 8.90–9.45 s against 7.37–8.75 s, batch 8)."""
+    return (
+        torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_exporting() or torch.compiler.is_compiling()
+    )
+
+
+def linear_mode() -> str:
+    mode = os.environ.get("AMOE_LINEAR", "auto")
+    if mode not in MODES:
+        raise ValueError(f"AMOE_LINEAR={mode!r} is not one of {list(MODES)} (auto: oneDNN for fp32 inference on AVX2-only CPUs).")
+    return mode
+
+
+def inference_gemm() -> str:
+    """Which library ``Linear`` uses for fp32 eager inference on this CPU: ``onednn`` or ``mkl``."""
+    mode = linear_mode()
+    return "onednn" if mode == "onednn" or (mode == "auto" and _avx2_only()) else "mkl"
+
+
+def onednn_is_faster(x: torch.Tensor) -> bool:
+    """Whether ``Linear`` runs ``x`` as a oneDNN 1×1 convolution (see the module docstring)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2 or torch.is_grad_enabled():
+        return False
+    if torch.is_autocast_enabled("cpu") or _traced():  # autocast bf16 linears are oneDNN's already
+        return False
+    return inference_gemm() == "onednn"
+
+
+def conv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` as a 1×1 convolution: x (..., K), weight (N, K) -> (..., N)."""
+    *lead, k = x.shape
+    image = x.reshape(1, -1, 1, k).permute(0, 3, 1, 2)  # (1, K, M, 1), channels-last: x's own memory
+    y = F.conv2d(image, weight[:, :, None, None], bias)  # (1, N, M, 1), channels-last
+    return y.permute(0, 2, 3, 1).reshape(*lead, -1)  # (..., N)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) whose fp32 inference may run on oneDNN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if onednn_is_faster(x):
+            return conv_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(module: nn.Module) -> nn.Module:
+    """In place: every plain ``nn.Linear`` in ``module`` (e.g. timm's ViT blocks) becomes a ``Linear``.
+    Parameters, state dict keys and values are unchanged. Returns ``module``."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear
+    return module
