@@ -41,8 +41,8 @@ def test_onednn_path_only_for_fp32_cpu_inference_where_the_mode_allows(monkeypat
     with torch.no_grad():
         assert not onednn_is_faster(x)
     monkeypatch.setenv("AMOE_LINEAR", "auto")
-    for avx2_only in (True, False):
-        monkeypatch.setattr(linear, "_avx2_only", lambda v=avx2_only: v)
+    for capability, avx2_only in (("AVX2", True), ("AVX512", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
         with torch.no_grad():
             assert onednn_is_faster(x) is avx2_only
     monkeypatch.setenv("AMOE_LINEAR", "fast")
@@ -84,10 +84,13 @@ def test_patch_expert_gives_the_same_reconstruction_on_either_gemm(monkeypatch):
     torch.manual_seed(0)
     expert = PatchExpert(dim=32, depth=2, num_heads=4, groups=[[0], [1]]).eval()
     x = torch.randn(2, 17, 32)
+    calls = []
+    monkeypatch.setattr(linear, "conv_linear", lambda *a: calls.append(1) or conv_linear(*a))
     outs = {}
     for mode in ("mkl", "onednn"):
         monkeypatch.setenv("AMOE_LINEAR", mode)
         with torch.no_grad():
             outs[mode] = expert(x)
+        assert len(calls) == (0 if mode == "mkl" else 2 + 4 * 2)  # bottleneck fc1/fc2, then qkv/proj/fc1/fc2 per block
     for a, b in zip(outs["mkl"], outs["onednn"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -46,6 +46,11 @@ def warn_if_bf16_is_slow(precision: str | int | None, accelerator: str | None) -
     return True
 
 
+def cpu_lacks_avx512() -> bool:
+    """True where torch's CPU kernels run without AVX-512 (AVX2-only x86, and any non-x86 CPU)."""
+    return "AVX512" not in torch.backends.cpu.get_cpu_capability()
+
+
 def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The layout for the global experts' convolutions on ``x``'s device in the current grad mode.
 
@@ -55,8 +60,7 @@ def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
     AVX-512: oneDNN's AVX2 weight gradient of the student's 256->512 conv at 196² runs at 0.20 of the fp32
     peak channels-last against 0.56 in NCHW (docs/PERFORMANCE.md), so backward there stays NCHW.
     """
-    avx2_only = x.device.type == "cpu" and "AVX512" not in torch.backends.cpu.get_cpu_capability()
-    if avx2_only and torch.is_grad_enabled():
+    if x.device.type == "cpu" and cpu_lacks_avx512() and torch.is_grad_enabled():
         return torch.contiguous_format
     return torch.channels_last
 

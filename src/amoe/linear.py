@@ -14,19 +14,15 @@ without AVX-512 (where it was measured). ``AMOE_LINEAR=mkl`` keeps ``F.linear`` 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amoe.hardware import cpu_lacks_avx512
+
 MODES = ("auto", "mkl", "onednn")
-
-
-@functools.cache
-def _avx2_only() -> bool:
-    return "AVX512" not in torch.backends.cpu.get_cpu_capability()
 
 
 def _traced() -> bool:
@@ -48,7 +44,7 @@ def linear_mode() -> str:
 def inference_gemm() -> str:
     """Which library ``Linear`` uses for fp32 eager inference on this CPU: ``onednn`` or ``mkl``."""
     mode = linear_mode()
-    return "onednn" if mode == "onednn" or (mode == "auto" and _avx2_only()) else "mkl"
+    return "onednn" if mode == "onednn" or (mode == "auto" and cpu_lacks_avx512()) else "mkl"
 
 
 def onednn_is_faster(x: torch.Tensor) -> bool:
