@@ -418,18 +418,25 @@ def _meminfo_mb(field: str, path: str = "/proc/meminfo") -> float | None:
     return None
 
 
-def _fitting_train_batch(requested: int, per_img_mb: float) -> tuple[int, str]:
+def _fitting_train_batch(requested: int, per_img_mb: float, warm: bool = True) -> tuple[int, str]:
     """The largest batch <= ``requested`` whose training step fits in the available memory, from the
-    tensors the 1-image step kept for its backward (``per_img_mb``, 1 GB spare). That count is above the
-    real growth (paper model, fp32: 5.4 GB saved per image, the peak RSS of a 1-image step grew by 4.1 GB
-    over its ~8.5 GB of weights, gradients and optimiser state), so batch 4 (~27 GB) does not fit a 24 GB
-    machine: it was killed by the OOM killer at 22.7 GB."""
+    tensors the 1-image step kept for its backward (``per_img_mb``) and 1 GB spare.
+
+    A first step at a new batch size needs about that (paper model, fp32, a 24 GB machine: 5.5 GB counted
+    per image, 15.6 GB available, batch 2 ran at 20.3 GB peak RSS). A step after a warm-up step (``warm``)
+    needs more: malloc keeps the warm step's freed activations, and the next step's do not all fit in them;
+    batch 2 with one warm-up step was killed by the OOM killer at 24.4 GB RSS (over 8 GB per image), so
+    a warm step counts 1.5× the saved tensors."""
     release_freed_memory()  # the 1-image step's freed activations, kept by malloc, count as available
     free = _meminfo_mb("MemAvailable")
     if free is None:
         return requested, "requested (no memory information)"
-    fits = max(1, min(requested, int((free - 1024) / max(per_img_mb, 1.0))))
-    why = f"{per_img_mb / 1024:.1f} GB kept for the backward per image, {free / 1024:.1f} GB available"
+    need = max(per_img_mb, 1.0) * (1.5 if warm else 1.0)
+    fits = max(1, min(requested, int((free - 1024) / need)))
+    why = (
+        f"{per_img_mb / 1024:.1f} GB kept for the backward per image{' (x1.5 after a warm-up step)' if warm else ''}, "
+        f"{free / 1024:.1f} GB available"
+    )
     return fits, ("requested; " if fits == requested else f"batch {requested} does not fit: ") + why
 
 
@@ -493,7 +500,7 @@ def bench_train_step(model: AnomalyMoE, batch: int, warmup: int, dtype: str = "f
     try:
         # one image: its CLUB bound has no non-matched pair and runs no MLP (about 0.3 GFLOP of the ~3 950 per image: < 1e-4)
         flops1 = train_step_flops(model, lambda: step(1), dtype)
-        batch, why = _fitting_train_batch(batch, sum(saved.values()) / 2**20)
+        batch, why = _fitting_train_batch(batch, sum(saved.values()) / 2**20, warm=warmup > 0)
         flops = {k: v * batch for k, v in flops1.items()}
         for _ in range(warmup):
             step()
@@ -798,8 +805,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-size", type=int, default=None, help="matmul side for the peak (default 4096, --quick: 256)")
     p.add_argument("--train-batch", type=int, default=4, help="training-step batch (the paper's 4)")
     p.add_argument(
-        "--train-warmup", type=int, default=0,
-        help="untimed full-batch training steps before the profiled one (a 1-image counting step always runs first)",
+        "--train-warmup", type=int, default=1,
+        help="untimed full-batch training steps before the profiled one, so that it reuses memory as a training loop "
+        "does (a first step at a new batch size faults all its activations in: 57-61 s against 48 s, paper model, "
+        "batch 1, AVX2); a 1-image counting step always runs first",
     )
     p.add_argument("--no-train", action="store_true", help="skip the training step")
     p.add_argument("--train", action="store_true", help="only the training step (no inference passes)")
