@@ -26,8 +26,10 @@ noisy machine:
 * **stages**: forward hooks time the encoder, router and each expert group inside every timed pass.
 * **timed passes** go round-robin over the routings and dense (worst, mixed, dense, worst, …; best of
   ``--iters`` / ``--dense-iters`` each), so that a neighbour's burst hits one pass of each, not every pass of one.
-* **train step**: batch 4 (or the largest that fits in memory), fp32 and bf16-mixed, dense, as ``AnomalyMoEModule.training_step`` (the AE view's
-  second encoder pass, both optimisers), profiled with ``torch.profiler``; backward ops are attributed to the
+* **train step** (first, before the inference passes): batch 4 (or the largest that fits in memory), fp32 and
+  bf16-mixed, dense, as ``AnomalyMoEModule.training_step`` (the AE view's second encoder pass, both
+  optimisers), timed after ``--train-warmup`` untimed steps at the same batch (a training loop's steady
+  state: no page faults), profiled with ``torch.profiler``; backward ops are attributed to the
   stage whose forward op created them. FLOPs (forward + backward) from FlopCounterMode on a 1-image step,
   times the batch; ``train_flops_utilization`` = FLOPs / step time / same-run matmul peak. ``--train``:
   only this.
@@ -407,6 +409,16 @@ def train_step_flops(model: AnomalyMoE, one_step: Callable[[], Any], dtype: str)
     return out
 
 
+def _max_rss_gb() -> float | None:
+    """This process's peak resident memory so far (GB), where the OS reports it."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+    return round(kb / 2**20, 1)
+
+
 def _meminfo_mb(field: str, path: str = "/proc/meminfo") -> float | None:
     try:
         with open(path) as f:
@@ -590,7 +602,7 @@ def report(model: AnomalyMoE, args, res: dict[str, Any] | None, train: dict[str,
         "train_batch": args.train_batch, "train_warmup": args.train_warmup,
         "threads": torch.get_num_threads(), "threads_reason": args.threads_reason, "load_average_at_start": args.load,
         "torch": torch.__version__, "cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "fp32_eager_linear_gemm": inference_gemm(), "wall_s": round(wall, 1),
+        "fp32_eager_linear_gemm": inference_gemm(), "wall_s": round(wall, 1), "max_rss_gb": _max_rss_gb(),
     }
     if args.dtypes_skipped:
         out["dtypes_skipped"] = args.dtypes_skipped
@@ -915,8 +927,11 @@ def _run(args: argparse.Namespace) -> int:
         cfg.num_component_experts, cfg.num_global_experts, cfg.top_k, torch.get_num_threads(),
     )
     dtypes = args.dtypes.split(",")
-    res = None if args.train else bench_inference(model, args, dtypes)
+    # training first, in a process that has run nothing yet: after the inference passes (eager and compiled)
+    # a warm paper-sized step at batch 1 was OOM-killed at 24.4 GB on a 24 GB machine; alone it peaks at 14.4 GB
     train = None if args.no_train else bench_train(model, args, dtypes)
+    release_freed_memory()  # the optimiser state and the step's activations, kept by malloc
+    res = None if args.train else bench_inference(model, args, dtypes)
     out = report(model, args, res, train, time.perf_counter() - t0)
     out.update(runtimes)
     for key in ("encoder_ms_per_img", "dense_ms_per_img", "sparse_ms_per_img", "stage_utilization", "train_stage_table"):
