@@ -188,16 +188,17 @@ def test_runtime_figures_join_the_one_json_line(monkeypatch):
     assert bench.bench_runtimes(SimpleNamespace(train=False, runtimes="none")) == {}
 
 
-def test_a_warm_training_step_is_sized_with_headroom(monkeypatch):
-    """The measured case: 5.5 GB saved per image, 15.6 GB available. A first step at batch 2 fits
-    ((15.6 - 1) / 5.5 = 2.65); after a warm-up step batch 2 was OOM-killed, so a warm step counts 1.5x: 1.77 -> 1."""
+def test_a_training_step_is_sized_with_twice_its_saved_tensors(monkeypatch):
+    """The measured case: 5.5 GB saved per image, 15.6 GB available. Batch 2 was OOM-killed there, so each
+    image counts 2 x 5.5 = 11 GB: (15.6 - 1) / 11 = 1.33 -> batch 1; with 60 GB available, (60 - 1) / 11 = 5.4 -> 4."""
     import amoe.bench as bench
 
     monkeypatch.setattr(bench, "release_freed_memory", lambda: None)
     monkeypatch.setattr(bench, "_meminfo_mb", lambda field: 15.6 * 1024)
-    assert bench._fitting_train_batch(4, 5.5 * 1024, warm=False)[0] == 2
-    batch, why = bench._fitting_train_batch(4, 5.5 * 1024, warm=True)
-    assert batch == 1 and why.startswith("batch 4 does not fit") and "x1.5" in why
-    assert bench._fitting_train_batch(1, 5.5 * 1024, warm=True) == (1, "requested; 5.5 GB kept for the backward per image (x1.5 after a warm-up step), 15.6 GB available")
+    batch, why = bench._fitting_train_batch(4, 5.5 * 1024)
+    assert batch == 1 and why == "batch 4 does not fit: 5.5 GB kept for the backward per image (2x counted), 15.6 GB available"
+    monkeypatch.setattr(bench, "_meminfo_mb", lambda field: 60 * 1024)
+    assert bench._fitting_train_batch(4, 5.5 * 1024)[0] == 4
+    assert bench._fitting_train_batch(8, 5.5 * 1024)[0] == 5
     monkeypatch.setattr(bench, "_meminfo_mb", lambda field: None)
     assert bench._fitting_train_batch(4, 5.5 * 1024) == (4, "requested (no memory information)")

@@ -430,25 +430,19 @@ def _meminfo_mb(field: str, path: str = "/proc/meminfo") -> float | None:
     return None
 
 
-def _fitting_train_batch(requested: int, per_img_mb: float, warm: bool = True) -> tuple[int, str]:
-    """The largest batch <= ``requested`` whose training step fits in the available memory, from the
-    tensors the 1-image step kept for its backward (``per_img_mb``) and 1 GB spare.
+def _fitting_train_batch(requested: int, per_img_mb: float) -> tuple[int, str]:
+    """The largest batch <= ``requested`` whose training step fits in the available memory: 2× the tensors
+    the 1-image step kept for its backward (``per_img_mb``) per image, and 1 GB spare.
 
-    A first step at a new batch size needs about that (paper model, fp32, a 24 GB machine: 5.5 GB counted
-    per image, 15.6 GB available, batch 2 ran at 20.3 GB peak RSS). A step after a warm-up step (``warm``)
-    needs more: malloc keeps the warm step's freed activations, and the next step's do not all fit in them;
-    batch 2 with one warm-up step was killed by the OOM killer at 24.4 GB RSS (over 8 GB per image), so
-    a warm step counts 1.5× the saved tensors."""
+    The saved tensors undercount a step's growth (paper model, fp32, 24 GB machine, 5.5 GB counted per image,
+    15.6 GB available after the 1-image step): batch 1 grew the RSS by 6.1 GB, while batch 2 ran once at a
+    20.3 GB peak and was killed by the OOM killer at 24.3 GB in two later runs (over 8 GB per image)."""
     release_freed_memory()  # the 1-image step's freed activations, kept by malloc, count as available
     free = _meminfo_mb("MemAvailable")
     if free is None:
         return requested, "requested (no memory information)"
-    need = max(per_img_mb, 1.0) * (1.5 if warm else 1.0)
-    fits = max(1, min(requested, int((free - 1024) / need)))
-    why = (
-        f"{per_img_mb / 1024:.1f} GB kept for the backward per image{' (x1.5 after a warm-up step)' if warm else ''}, "
-        f"{free / 1024:.1f} GB available"
-    )
+    fits = max(1, min(requested, int((free - 1024) / (2 * max(per_img_mb, 1.0)))))
+    why = f"{per_img_mb / 1024:.1f} GB kept for the backward per image (2x counted), {free / 1024:.1f} GB available"
     return fits, ("requested; " if fits == requested else f"batch {requested} does not fit: ") + why
 
 
@@ -512,7 +506,8 @@ def bench_train_step(model: AnomalyMoE, batch: int, warmup: int, dtype: str = "f
     try:
         # one image: its CLUB bound has no non-matched pair and runs no MLP (about 0.3 GFLOP of the ~3 950 per image: < 1e-4)
         flops1 = train_step_flops(model, lambda: step(1), dtype)
-        batch, why = _fitting_train_batch(batch, sum(saved.values()) / 2**20, warm=warmup > 0)
+        batch, why = _fitting_train_batch(batch, sum(saved.values()) / 2**20)
+        log.info("%s train step: batch %d (%s), %d warm-up step(s) first", dtype, batch, why, warmup)
         flops = {k: v * batch for k, v in flops1.items()}
         for _ in range(warmup):
             step()
@@ -927,8 +922,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg.num_component_experts, cfg.num_global_experts, cfg.top_k, torch.get_num_threads(),
     )
     dtypes = args.dtypes.split(",")
-    # training first, in a process that has run nothing yet: after the inference passes (eager and compiled)
-    # a warm paper-sized step at batch 1 was OOM-killed at 24.4 GB on a 24 GB machine; alone it peaks at 14.4 GB
+    # training first, in a process that has run nothing else yet: the inference passes leave memory behind
     train = None if args.no_train else bench_train(model, args, dtypes)
     release_freed_memory()  # the optimiser state and the step's activations, kept by malloc
     res = None if args.train else bench_inference(model, args, dtypes)
