@@ -431,18 +431,18 @@ def _meminfo_mb(field: str, path: str = "/proc/meminfo") -> float | None:
 
 
 def _fitting_train_batch(requested: int, per_img_mb: float) -> tuple[int, str]:
-    """The largest batch <= ``requested`` whose training step fits in the available memory: 2× the tensors
-    the 1-image step kept for its backward (``per_img_mb``) per image, and 1 GB spare.
+    """The largest batch <= ``requested`` whose training step fits in the available memory: 1.25× the
+    tensors the 1-image step kept for its backward (``per_img_mb``) per image, and 1 GB spare.
 
-    The saved tensors undercount a step's growth (paper model, fp32, 24 GB machine, 5.5 GB counted per image,
-    15.6 GB available after the 1-image step): batch 1 grew the RSS by 6.1 GB, while batch 2 ran once at a
-    20.3 GB peak and was killed by the OOM killer at 24.3 GB in two later runs (over 8 GB per image)."""
+    The saved tensors undercount a step's growth a little (paper model, fp32, 24 GB machine: 5.5 GB counted
+    per image; a warm batch-1 step grew the RSS by 6.1 GB over the 8.3 GB after the 1-image step), and a
+    step at batch 4 there was killed by the OOM killer at 24.3 GB."""
     release_freed_memory()  # the 1-image step's freed activations, kept by malloc, count as available
     free = _meminfo_mb("MemAvailable")
     if free is None:
         return requested, "requested (no memory information)"
-    fits = max(1, min(requested, int((free - 1024) / (2 * max(per_img_mb, 1.0)))))
-    why = f"{per_img_mb / 1024:.1f} GB kept for the backward per image (2x counted), {free / 1024:.1f} GB available"
+    fits = max(1, min(requested, int((free - 1024) / (1.25 * max(per_img_mb, 1.0)))))
+    why = f"{per_img_mb / 1024:.1f} GB kept for the backward per image (1.25x counted), {free / 1024:.1f} GB available"
     return fits, ("requested; " if fits == requested else f"batch {requested} does not fit: ") + why
 
 
@@ -481,7 +481,7 @@ def bench_train_step(model: AnomalyMoE, batch: int, warmup: int, dtype: str = "f
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    def step(n=batch):
+    def step(n: int):
         saved.clear()
         with autocast(dtype), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             # Lightning's bf16-mixed: forward and losses under autocast, backward outside
@@ -510,7 +510,7 @@ def bench_train_step(model: AnomalyMoE, batch: int, warmup: int, dtype: str = "f
         log.info("%s train step: batch %d (%s), %d warm-up step(s) first", dtype, batch, why, warmup)
         flops = {k: v * batch for k, v in flops1.items()}
         for _ in range(warmup):
-            step()
+            step(batch)  # the fitted batch
         if peak is not None:
             peak.sample()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
