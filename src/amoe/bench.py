@@ -922,7 +922,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg.num_component_experts, cfg.num_global_experts, cfg.top_k, torch.get_num_threads(),
     )
     dtypes = args.dtypes.split(",")
-    # training first, in a process that has run nothing else yet: the inference passes leave memory behind
+    # training first: its batch is fitted to the memory available, which is most before anything else ran
     train = None if args.no_train else bench_train(model, args, dtypes)
     release_freed_memory()  # the optimiser state and the step's activations, kept by malloc
     res = None if args.train else bench_inference(model, args, dtypes)
