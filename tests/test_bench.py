@@ -62,6 +62,7 @@ def test_a_skipped_dtype_is_named_in_the_json(monkeypatch, capsys):
     assert "scalar GEMM" in out["dtypes_skipped"]["bf16"]
 
 
+@pytest.mark.slow  # 30-37 s of inductor compiles on 2 cores; compile_for_inference itself is tested in make test (tests/test_compile.py)
 def test_compile_ab_reports_compiled_headline_and_eager_keys(capsys):
     """--compile: eager passes, then the same passes compiled; the headline is the compiled run's. Only the
     patch experts are compiled here (compiling the encoder too doubled this test's time); the default parts
