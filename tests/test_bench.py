@@ -211,8 +211,23 @@ def test_warm_up_and_timed_steps_run_at_the_fitted_batch(monkeypatch):
     import amoe.bench as bench
 
     monkeypatch.setattr(bench, "_fitting_train_batch", lambda requested, per_img_mb: (2, "test"))
+
+    def counting_step_only(model, one_step, dtype):  # the 1-image step runs; its per-expert FLOP re-runs do not
+        one_step()
+        return dict.fromkeys(("total", "encoder", *bench.GROUPS, "router_esb", "eir_club"), 1.0)
+
+    monkeypatch.setattr(bench, "train_step_flops", counting_step_only)
     model = build_model(quick_config())
     sizes = []
     model.router.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
     r = bench.bench_train_step(model, batch=3, warmup=1)
-    assert r["batch"] == 2 and 3 not in sizes and sizes.count(2) == 2, sizes  # the warm-up and the timed step
+    assert r["batch"] == 2 and sizes.count(1) == 1 and sizes.count(2) == 2 and 3 not in sizes, sizes  # counting, warm-up, timed
+
+
+def test_peak_rss_is_this_processes_in_gb():
+    import resource
+
+    import amoe.bench as bench
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert bench._max_rss_gb() == round(kb / 2**20, 1) and 0.05 < bench._max_rss_gb() < 1024

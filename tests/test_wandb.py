@@ -74,6 +74,7 @@ def offline_runs(tmp_path_factory):
     return [Path(r) for r in runs], results
 
 
+@pytest.mark.slow  # the offline fit + test subprocesses take 41-46 s on 2 cores (make test-all)
 def test_fit_run_holds_hparams_losses_and_gates(offline_runs):
     runs, _ = offline_runs
     s = summarise(wandb_records(glob.glob(str(runs[0] / "run-*.wandb"))[0]))
@@ -84,6 +85,7 @@ def test_fit_run_holds_hparams_losses_and_gates(offline_runs):
     assert len(s["history"]["train/loss"]) == 4  # max_steps 4, log_every_n_steps 1
 
 
+@pytest.mark.slow  # the offline fit + test subprocesses take 41-46 s on 2 cores (make test-all)
 def test_test_run_holds_metrics_figures_and_table(offline_runs):
     runs, results = offline_runs
     run = runs[1]

@@ -415,8 +415,8 @@ def _max_rss_gb() -> float | None:
         import resource
     except ImportError:  # not on Windows
         return None
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-    return round(kb / 2**20, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 1)
 
 
 def _meminfo_mb(field: str, path: str = "/proc/meminfo") -> float | None:
