@@ -409,16 +409,6 @@ def train_step_flops(model: AnomalyMoE, one_step: Callable[[], Any], dtype: str)
     return out
 
 
-def _max_rss_gb() -> float | None:
-    """This process's peak resident memory so far (GB), where the OS reports it."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
-    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 1)
-
-
 def _meminfo_mb(field: str, path: str = "/proc/meminfo") -> float | None:
     try:
         with open(path) as f:
@@ -428,6 +418,12 @@ def _meminfo_mb(field: str, path: str = "/proc/meminfo") -> float | None:
     except OSError:
         pass
     return None
+
+
+def _max_rss_gb() -> float | None:
+    """This process's peak resident memory so far (GB; Linux's VmHWM, None elsewhere)."""
+    peak_mb = _meminfo_mb("VmHWM", "/proc/self/status")
+    return None if peak_mb is None else round(peak_mb / 1024, 1)
 
 
 def _fitting_train_batch(requested: int, per_img_mb: float) -> tuple[int, str]:
