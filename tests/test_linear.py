@@ -60,6 +60,32 @@ def test_traced_export_keeps_a_plain_linear(monkeypatch):
     assert not any("conv" in k for k in kinds)
 
 
+@pytest.mark.parametrize("mode", ["onednn", "mkl"])
+def test_compiled_graphs_call_the_onednn_gemm_as_one_opaque_op(monkeypatch, mode):
+    """Under torch.compile the conv path is one ``amoe::conv_linear`` call (inductor does not lower it), in
+    a single graph, with eager's values; ``AMOE_LINEAR=mkl`` keeps ``F.linear`` there too."""
+    monkeypatch.setenv("AMOE_LINEAR", mode)
+    torch.manual_seed(0)
+    expert = PatchExpert(32, 2, 4, [[0], [1]]).eval()
+    x = torch.randn(2, 10, 32)
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = expert(x)
+        out = torch.compile(expert, backend=record, fullgraph=True)(x)
+    torch._dynamo.reset()
+    opaque = [t for t in targets if t is torch.ops.amoe.conv_linear.default]
+    assert len(opaque) == (10 if mode == "onednn" else 0)  # bottleneck 2 + 2 blocks × (qkv, proj, 2 MLP)
+    assert (F.linear in targets) is (mode == "mkl")
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
+
+
 def test_use_onednn_linears_keeps_parameters_and_takes_the_conv_path(monkeypatch):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))

@@ -593,7 +593,7 @@ def report(model: AnomalyMoE, args, res: dict[str, Any] | None, train: dict[str,
         "train_batch": args.train_batch, "train_warmup": args.train_warmup,
         "threads": torch.get_num_threads(), "threads_reason": args.threads_reason, "load_average_at_start": args.load,
         "torch": torch.__version__, "cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "fp32_eager_linear_gemm": inference_gemm(), "wall_s": round(wall, 1), "max_rss_gb": _max_rss_gb(),
+        "fp32_inference_linear_gemm": inference_gemm(), "wall_s": round(wall, 1), "max_rss_gb": _max_rss_gb(),
     }
     if args.dtypes_skipped:
         out["dtypes_skipped"] = args.dtypes_skipped

@@ -2,8 +2,9 @@
 
 Freezing folds a module's weights into its compiled graph as constants. In bf16 they are cast and
 pre-packed for oneDNN once, bias and GELU run as the GEMM's post-ops, and LayerNorm, the autocast casts
-and the residual adds fuse into a few loops; in fp32 the GEMMs stay MKL's (inductor's packed fp32 linear
-measured slower here) and only the element-wise work fuses. Measured A/Bs are in docs/PERFORMANCE.md.
+and the residual adds fuse into a few loops; in fp32 the GEMMs are not pre-packed (inductor's packed fp32
+linear measured slower) and only the element-wise work fuses: on AVX2-only CPUs each linear is one opaque
+oneDNN call (``amoe.linear``), elsewhere MKL's. Measured A/Bs are in docs/PERFORMANCE.md.
 
 The weights are taken when a graph is compiled: at a module's first call per dtype and input shape. So
 compile once the weights are final (test, predict, bench). After a weight change (an optimiser step,

@@ -7,8 +7,10 @@ expert took 5.71–6.56 s against 6.40–7.71 s on MKL's sgemm (best/median of 1
 against 9.90–10.54 s (best/median of 8); values equal to 1.5e-6 (docs/PERFORMANCE.md).
 
 Where it applies (``onednn_is_faster``): CPU, fp32, no gradient (the frozen encoder always; the patch
-experts at test and predict time), eager only (not while exporting, tracing or compiling), on a CPU
-without AVX-512 (where it was measured). ``AMOE_LINEAR=mkl`` keeps ``F.linear`` everywhere;
+experts at test and predict time), eager or compiled but not while exporting or tracing (exports keep a
+plain MatMul), on a CPU without AVX-512 (where it was measured). Compiled graphs call it as one opaque op,
+``torch.ops.amoe.conv_linear``: inductor's own lowering of the same 1×1 convolution measured 13–21 % slower
+than its MKL GEMM, the opaque op 7–9 % faster (docs/PERFORMANCE.md). ``AMOE_LINEAR=mkl`` keeps ``F.linear`` everywhere;
 ``AMOE_LINEAR=onednn`` takes the oneDNN path on any CPU (for an A/B). Training's backward never takes it.
 """
 
@@ -25,12 +27,11 @@ from amoe.hardware import cpu_lacks_avx512
 MODES = ("auto", "mkl", "onednn")
 
 
-def _traced() -> bool:
-    """Exporting, tracing or compiling: exports keep a plain MatMul, and under inductor the 1×1 conv measured
-    13–20 % slower than its own GEMM (a frozen patch expert 8.90–9.45 s against 7.37–8.75 s, batch 8)."""
+def _exporting() -> bool:
+    """Exporting or tracing: exports keep a plain MatMul."""
     return (
         torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_exporting() or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
     )
 
 
@@ -41,6 +42,7 @@ def linear_mode() -> str:
     return mode
 
 
+@torch.compiler.assume_constant_result  # a compiled graph takes the choice made when it was traced
 def inference_gemm() -> str:
     """Which library ``Linear`` uses for fp32 eager inference on this CPU: ``onednn`` or ``mkl``."""
     mode = linear_mode()
@@ -51,7 +53,7 @@ def onednn_is_faster(x: torch.Tensor) -> bool:
     """Whether ``Linear`` runs ``x`` as a oneDNN 1×1 convolution (see the module docstring)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2 or torch.is_grad_enabled():
         return False
-    if torch.is_autocast_enabled("cpu") or _traced():  # autocast bf16 linears are oneDNN's already
+    if torch.is_autocast_enabled("cpu") or _exporting():  # autocast bf16 linears are oneDNN's already
         return False
     return inference_gemm() == "onednn"
 
@@ -64,12 +66,24 @@ def conv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y.permute(0, 2, 3, 1).reshape(*lead, -1)  # (..., N)
 
 
+@torch.library.custom_op("amoe::conv_linear", mutates_args=())
+def conv_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv_linear`` as one op that compiled graphs call as it is (inductor does not lower it)."""
+    return conv_linear(x, weight, bias)
+
+
+@conv_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state dict) whose fp32 inference may run on oneDNN."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if onednn_is_faster(x):
-            return conv_linear(x, self.weight, self.bias)
+            gemm = conv_linear_op if torch.compiler.is_compiling() else conv_linear
+            return gemm(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
