@@ -10,7 +10,7 @@ Where it applies (``onednn_is_faster``): CPU, fp32, no gradient (the frozen enco
 experts at test and predict time), eager or compiled but not while exporting or tracing (exports keep a
 plain MatMul), on a CPU without AVX-512 (where it was measured). Compiled graphs call it as one opaque op,
 ``torch.ops.amoe.conv_linear``: inductor's own lowering of the same 1×1 convolution measured 13–21 % slower
-than its MKL GEMM, the opaque op 7–9 % faster (docs/PERFORMANCE.md). ``AMOE_LINEAR=mkl`` keeps ``F.linear`` everywhere;
+than its MKL GEMM, the opaque op 7–11 % faster (best of 6–10 passes; docs/PERFORMANCE.md). ``AMOE_LINEAR=mkl`` keeps ``F.linear`` everywhere;
 ``AMOE_LINEAR=onednn`` takes the oneDNN path on any CPU (for an A/B). Training's backward never takes it.
 """
 
@@ -44,7 +44,7 @@ def linear_mode() -> str:
 
 @torch.compiler.assume_constant_result  # a compiled graph takes the choice made when it was traced
 def inference_gemm() -> str:
-    """Which library ``Linear`` uses for fp32 eager inference on this CPU: ``onednn`` or ``mkl``."""
+    """Which library ``Linear`` uses for fp32 inference (eager and compiled) on this CPU: ``onednn`` or ``mkl``."""
     mode = linear_mode()
     return "onednn" if mode == "onednn" or (mode == "auto" and cpu_lacks_avx512()) else "mkl"
 
